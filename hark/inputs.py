@@ -1,0 +1,22 @@
+"""What a prompt becomes once processed: token ids plus the audio items it carries."""
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AudioItem:
+    features: torch.Tensor      # what the model's embed_audio needs, e.g. log-mel [n_mels, n_frames]
+    num_frames: int             # valid mel frames (the rest is padding)
+    hash: str                   # content hash, or the user's uuid for the item
+    num_embeds: int             # placeholder tokens this item occupies in the prompt (0 for Whisper)
+    duration_s: float
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt_token_ids: list[int]
+    audio_items: list[AudioItem] = field(default_factory=list)
+    placeholder_offsets: list[int] = field(default_factory=list)
+    encoder_prompt_token_ids: list[int] | None = None
+    prompt: str | None = None
