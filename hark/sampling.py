@@ -1,0 +1,79 @@
+"""SamplingParams: how to pick the next token and when to stop, as in vLLM."""
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None         # top-k logprobs per generated token
+    prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, value, allowed):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
+            bad("n", self.n, "an integer in [1, 128]")
+        if self.temperature < 0:
+            bad("temperature", self.temperature, "≥ 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "0 or -1 (off) or a positive integer")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", self.min_p, "in [0, 1]")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", self.max_tokens, "a positive integer (or None for up to max_model_len)")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad("min_tokens", self.min_tokens, "in [0, max_tokens]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            bad("logprobs", self.logprobs, "in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad("prompt_logprobs", self.prompt_logprobs, "in [0, 20]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "> 0")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", self.presence_penalty, "in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
