@@ -1,0 +1,99 @@
+"""Loads a checkpoint directory (or hub id) into a hark model, tokenizer and prompt processor."""
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from hark.models import registry
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    hf_config: object
+    tokenizer: object
+    processor: object | None
+    model_path: str
+    generation_config: dict = field(default_factory=dict)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+def resolve_model_path(model: str) -> str:
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"model {model!r} is a file; pass the checkpoint directory.")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, no access
+        raise ValueError(f"model {model!r} is not a local directory and could not be fetched from the "
+                         f"Hugging Face hub ({type(e).__name__}); pass a local checkpoint directory.") from None
+
+
+def iter_checkpoint_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(os.path.join(path, f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        return
+    bins = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if not bins:
+        raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    for f in bins:
+        yield from torch.load(os.path.join(path, f), map_location="cpu", weights_only=True).items()
+
+
+def _read_json(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _checkpoint_dtype(hf_config) -> torch.dtype | None:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def load_model(config) -> LoadedModel:
+    """config: EngineConfig."""
+    from transformers import AutoConfig, AutoTokenizer
+    path = resolve_model_path(config.model)
+    if os.path.exists(os.path.join(path, "model.bin")):  # CTranslate2 (faster-whisper) directory
+        from hark.models.ct2_whisper import is_ct2_whisper_dir, load_ct2_whisper
+        if not is_ct2_whisper_dir(path):
+            raise ValueError(f"{path} holds a CTranslate2 model.bin that is not a Whisper model.")
+        hf_config, weights, tokenizer, generation_config = load_ct2_whisper(path)
+    else:
+        try:
+            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        except Exception as e:
+            raise ValueError(f"cannot read config.json in {path}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path, trust_remote_code=config.trust_remote_code)
+        weights = iter_checkpoint_weights(path)
+        generation_config = _read_json(os.path.join(path, "generation_config.json"))
+    archs = getattr(hf_config, "architectures", None) or []
+    if not archs:
+        raise ValueError(f"config.json in {path} names no architectures; hark supports "
+                         f"{', '.join(registry.supported_architectures())}.")
+    model_cls, processor_cls = registry.resolve(archs[0])
+    device = config.torch_device()
+    dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
+    with torch.device(device):
+        model = model_cls(hf_config, dtype)
+    model.load_weights(weights)
+    model.to(dtype).eval()
+    processor = processor_cls(hf_config, tokenizer, path) if processor_cls else None
+    eos = generation_config.get("eos_token_id", getattr(hf_config, "eos_token_id", None))
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    return LoadedModel(model, hf_config, tokenizer, processor, path, generation_config, eos_ids)

@@ -1,0 +1,27 @@
+"""Maps config.json `architectures` to hark model classes and their prompt processors."""
+import importlib
+
+# architecture: (model module, model class, processor module or None, processor class or None)
+_MODELS = {
+    "LlamaForCausalLM": ("hark.models.llama", "LlamaForCausalLM", None, None),
+    "Qwen2ForCausalLM": ("hark.models.llama", "Qwen2ForCausalLM", None, None),
+    "WhisperForConditionalGeneration": ("hark.models.whisper", "WhisperForConditionalGeneration",
+                                        "hark.multimodal.whisper", "WhisperProcessor"),
+    "Qwen2AudioForConditionalGeneration": ("hark.models.qwen2_audio", "Qwen2AudioForConditionalGeneration",
+                                           "hark.multimodal.qwen2_audio", "Qwen2AudioProcessor"),
+    "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve(architecture: str):
+    """Returns (model class, processor class or None)."""
+    if architecture not in _MODELS:
+        raise ValueError(f"unknown architecture {architecture!r}; hark supports {', '.join(supported_architectures())}.")
+    mod, cls, pmod, pcls = _MODELS[architecture]
+    model_cls = getattr(importlib.import_module(mod), cls)
+    proc_cls = getattr(importlib.import_module(pmod), pcls) if pmod else None
+    return model_cls, proc_cls
