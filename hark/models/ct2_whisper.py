@@ -86,8 +86,8 @@ class CT2ModelFile:
     def raw(self, name: str) -> torch.Tensor:
         """The stored tensor, as stored (int8 weights stay int8)."""
         var = self.variables[self.aliases.get(name, name)]
-        array = np.frombuffer(self.data, dtype=CT2_DTYPES[var.dtype_code], count=var.nbytes // np.dtype(
-            CT2_DTYPES[var.dtype_code]).itemsize, offset=var.offset).reshape(var.shape)
+        dtype = np.dtype(CT2_DTYPES[var.dtype_code])
+        array = np.frombuffer(self.data, dtype, var.nbytes // dtype.itemsize, var.offset).reshape(var.shape)
         tensor = torch.from_numpy(array.copy())
         return tensor.view(torch.bfloat16) if var.dtype_code == BF16_CODE else tensor
 
