@@ -1,0 +1,138 @@
+"""hark's Whisper against transformers' on a tiny random checkpoint: encoder, paged decoder, dense decoder."""
+import pytest
+import torch
+from transformers import WhisperConfig
+from transformers import WhisperForConditionalGeneration as HFWhisper
+
+from hark.inputs import AudioItem
+from hark.models.loader import iter_checkpoint_weights
+from hark.models.whisper import WhisperForConditionalGeneration
+from hark.runner.attention import AttentionMetadata
+
+BLOCK_SIZE, NUM_BLOCKS = 4, 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=51864, d_model=64, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                           decoder_ffn_dim=128, max_target_positions=64)
+    hf = HFWhisper(config).eval()
+    path = tmp_path_factory.mktemp("tiny-whisper")
+    hf.save_pretrained(path)
+    hf = HFWhisper.from_pretrained(path, attn_implementation="eager").eval()
+    model = WhisperForConditionalGeneration(hf.config)
+    model.load_weights(iter_checkpoint_weights(str(path)))
+    return hf, model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def features():
+    torch.manual_seed(1)
+    return torch.randn(2, 80, 3000)
+
+
+def attach_cache(model, dtype=torch.float32):
+    for module in model.kv_attention_modules():
+        shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+        module.k_cache, module.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+
+def step_meta(block_tables, starts, lengths, encoder_states, cross_caches):
+    """Metadata for sequences that add tokens at positions start..start+length-1."""
+    slots, query_start = [], [0]
+    for table, start, n in zip(block_tables, starts, lengths):
+        slots += [int(table[p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + n)]
+        query_start.append(query_start[-1] + n)
+    positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)])
+    meta = AttentionMetadata(torch.tensor(slots), query_start, [s + n for s, n in zip(starts, lengths)],
+                             block_tables, BLOCK_SIZE, encoder_states, cross_caches).prepare()
+    return positions, meta
+
+
+def test_encoder_matches_transformers(checkpoint, features):
+    hf, model, _ = checkpoint
+    items = [AudioItem(f, 3000, f"h{i}", 0, 30.0) for i, f in enumerate(features)]
+    with torch.inference_mode():
+        ours = model.embed_audio(items)
+        ref = hf.model.encoder(features).last_hidden_state
+    assert [o.shape for o in ours] == [(1500, 64)] * 2
+    torch.testing.assert_close(torch.stack(ours), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_paged_decoder_matches_transformers(checkpoint, features):
+    """Two requests of different prompt lengths: chunked prefill, then mixed prefill/decode steps."""
+    hf, model, _ = checkpoint
+    attach_cache(model)
+    torch.manual_seed(2)
+    seqs = [torch.randint(0, 51864, (9,)).tolist(), torch.randint(0, 51864, (7,)).tolist()]
+    with torch.inference_mode():
+        encoder_states = [s for s in hf.model.encoder(features).last_hidden_state]
+        ref = [hf(input_features=features[i:i + 1], decoder_input_ids=torch.tensor([seq])).logits[0]
+               for i, seq in enumerate(seqs)]
+        tables = [torch.arange(0, 16), torch.arange(16, 32)]
+        cross_caches = [{}, {}]
+        # (tokens added to seq 0, to seq 1) per step: prefill chunks, then a step mixing prefill and decode.
+        schedule = [(3, 5), (4, 1), (1, 1), (1, 0)]
+        done = [0, 0]
+        for added in schedule:
+            active = [i for i in range(2) if added[i]]
+            positions, meta = step_meta([tables[i] for i in active], [done[i] for i in active],
+                                        [added[i] for i in active], [encoder_states[i] for i in active],
+                                        [cross_caches[i] for i in active])
+            ids = torch.tensor([t for i in active for t in seqs[i][done[i]:done[i] + added[i]]])
+            logits = model.compute_logits(model(ids, positions, meta))
+            for row, i in enumerate(active):
+                lo, hi = meta.query_start[row], meta.query_start[row + 1]
+                torch.testing.assert_close(logits[lo:hi], ref[i][done[i]:done[i] + added[i]], atol=1e-4, rtol=1e-4)
+                done[i] += added[i]
+    assert done == [9, 7]
+    assert set(cross_caches[0]) == {0, 1}  # cross K/V cached per layer, computed on first use
+
+
+def test_decode_dense_matches_transformers(checkpoint, features):
+    hf, model, _ = checkpoint
+    tokens = torch.tensor([[50257, 50362, 10, 20, 30], [50257, 50363, 40, 50, 60]])
+    with torch.inference_mode():
+        out = hf(input_features=features, decoder_input_ids=tokens, output_attentions=True)
+        logits, cross = model.decode_dense(out.encoder_last_hidden_state, tokens, return_cross_attn=True)
+        plain, none = model.decode_dense(out.encoder_last_hidden_state, tokens)
+    torch.testing.assert_close(logits, out.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain, out.logits, atol=1e-4, rtol=1e-4)
+    assert none is None and len(cross) == 2
+    for ours, ref in zip(cross, out.cross_attentions):
+        assert ours.shape == (2, 4, 5, 1500)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_float32(checkpoint, features, dtype):
+    hf, model, path = checkpoint
+    half = WhisperForConditionalGeneration(hf.config)
+    half.load_weights(iter_checkpoint_weights(str(path)))
+    half.to(dtype).eval()
+    tokens = torch.tensor([[50257, 50362, 10, 20]])
+    with torch.inference_mode():
+        states = half.encode(features[:1])
+        assert states.dtype == dtype
+        logits, _ = half.decode_dense(states, tokens)
+        ref, _ = model.decode_dense(model.encode(features[:1]), tokens)
+    assert logits.dtype == torch.float32
+    assert (logits - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_load_weights_rejects_wrong_checkpoints(checkpoint):
+    hf, _, path = checkpoint
+    weights = dict(iter_checkpoint_weights(str(path)))
+    model = WhisperForConditionalGeneration(hf.config)
+    with pytest.raises(ValueError, match="missing weights"):
+        model.load_weights((k, v) for k, v in weights.items() if "fc2" not in k)
+    with pytest.raises(ValueError, match="unexpected weight"):
+        model.load_weights(list(weights.items()) + [("model.decoder.extra.weight", torch.zeros(1))])
+
+
+def test_encode_rejects_unpadded_features(checkpoint):
+    _, model, _ = checkpoint
+    with pytest.raises(ValueError, match="3000 frames"):
+        model.encode(torch.zeros(1, 80, 1000))
