@@ -1,0 +1,30 @@
+"""Turns OpenAI-style chat messages into a prompt through the checkpoint's chat template."""
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or []:
+        if part.get("type") != "text":
+            raise ValueError(f"content part type {part.get('type')!r} is not supported by this model; "
+                             f"it takes text only.")
+        parts.append(part.get("text", ""))
+    return "\n".join(parts)
+
+
+def build_chat_prompt(engine, conversation: list[dict], chat_template: str | None,
+                      add_generation_prompt: bool, template_kwargs: dict):
+    """Returns a prompt for engine.add_request: a string, or a dict with audio for audio models."""
+    if not isinstance(conversation, list) or not all(isinstance(m, dict) and "role" in m for m in conversation):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts.")
+    processor = engine.processor
+    if processor is not None and hasattr(processor, "build_chat_prompt"):
+        return processor.build_chat_prompt(conversation, chat_template, add_generation_prompt, template_kwargs)
+    tokenizer = engine.tokenizer
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template; pass chat_template=... .")
+    messages = [{"role": m["role"], "content": _text_of(m.get("content"))} for m in conversation]
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
+    return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text}

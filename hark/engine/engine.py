@@ -1,0 +1,232 @@
+"""The synchronous engine: add requests, step, collect outputs."""
+import itertools
+import logging
+import time
+
+import torch
+
+from hark.config import EngineConfig
+from hark.engine.detokenizer import Detokenizer, find_stop_string
+from hark.engine.kv_cache import KVCacheManager
+from hark.engine.request import Request, Sequence, SequenceStatus
+from hark.engine.scheduler import Scheduler
+from hark.inputs import ProcessedPrompt
+from hark.models.loader import load_model
+from hark.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from hark.runner import sampler
+from hark.runner.model_runner import ModelRunner
+from hark.sampling import SamplingParams
+
+logger = logging.getLogger("hark")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.loaded = load_model(config)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.processor = self.loaded.processor
+        self.eos_token_ids = self.loaded.eos_token_ids
+        self.vocab_size = self._vocab_size()
+        model_max = getattr(self.model, "max_positions", None) or getattr(
+            self.loaded.hf_config, "max_position_embeddings", None) or 2048
+        if config.max_model_len is None:
+            config.max_model_len = model_max
+        elif config.max_model_len > model_max:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {model_max} positions.")
+        self.max_model_len = config.max_model_len
+
+        dtype = next(self.model.parameters()).dtype
+        device = config.torch_device()
+        bs = config.block_size
+        blocks_per_seq = -(-self.max_model_len // bs)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            fit = ModelRunner.num_blocks_for(self.model, bs, dtype, config.kv_cache_memory_bytes)
+            num_blocks = min(fit, config.max_num_seqs * blocks_per_seq)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(f"the KV cache ({num_blocks} blocks of {bs} tokens) cannot hold one sequence of "
+                             f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV memory.")
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, num_blocks, bs, dtype, device, config.encoder_cache_bytes)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+        logger.info("hark engine: %s, %d KV blocks × %d tokens (%.0f MiB), max_model_len %d",
+                    self.loaded.model_path, num_blocks, bs,
+                    2 * self.runner.k_cache.numel() * dtype.itemsize / 2**20, self.max_model_len)
+
+    def _vocab_size(self) -> int:
+        cfg = self.loaded.hf_config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return max(cfg.vocab_size, len(self.tokenizer))
+
+    @property
+    def max_concurrent_sequences(self) -> float:
+        """How many max_model_len sequences the KV budget holds at once."""
+        return self.kv.num_blocks * self.kv.block_size / self.max_model_len
+
+    # --- input processing ---------------------------------------------------------------------
+    def process_prompt(self, prompt) -> ProcessedPrompt:
+        if self.processor is not None:
+            processed = self.processor.process(prompt)
+        elif isinstance(prompt, str):
+            processed = ProcessedPrompt(self.tokenizer.encode(prompt), prompt=prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            processed = ProcessedPrompt(list(prompt["prompt_token_ids"]), prompt=prompt.get("prompt"))
+        elif isinstance(prompt, dict) and "prompt" in prompt:
+            if prompt.get("multi_modal_data"):
+                raise ValueError("this model takes no audio: multi_modal_data is not supported for it.")
+            processed = ProcessedPrompt(self.tokenizer.encode(prompt["prompt"]), prompt=prompt["prompt"])
+        else:
+            raise ValueError("a prompt must be a string, {'prompt': str, ...} or {'prompt_token_ids': [...]}.")
+        ids = processed.prompt_token_ids
+        if not ids:
+            raise ValueError("prompt is empty: it must hold at least one token.")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {self.vocab_size}).")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                             f"so it must be at most {self.max_model_len - 1} tokens.")
+        return processed
+
+    # --- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None,
+                    processed: ProcessedPrompt | None = None) -> str:
+        """Validates and queues a request. Raises ValueError before anything is scheduled."""
+        params.validate()
+        processed = processed or self.process_prompt(prompt)
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        n_prompt = len(processed.prompt_token_ids)
+        request = Request(request_id, processed, params)
+        request.metrics = RequestMetrics(arrival_time=time.time(), num_prompt_tokens=n_prompt)
+        if self.model.is_encoder_decoder:
+            request.cache_salt = processed.audio_items[0].hash if processed.audio_items else None
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        parent = None
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else int(
+                torch.randint(0, 2**62, (1,), generator=self._rng))
+            seq = Sequence(next(self._seq_ids), request, index, list(processed.prompt_token_ids), n_prompt,
+                           generator=None if params.greedy else torch.Generator().manual_seed(seed),
+                           parent=parent)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            self.detokenizer.start(seq)
+            request.seqs.append(seq)
+            parent = parent or seq
+        self.requests[request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one forward over the scheduled batch; returns outputs of the requests that moved."""
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        now = time.time()
+        for seq in batch.seqs:
+            m = seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+                m.num_cached_tokens = seq.num_cached_tokens
+        result = self.runner.execute(batch.seqs, batch.num_new_tokens)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.kv.commit_full_blocks(seq)
+        for i, (logits, first) in result.prompt_logits.items():
+            seq = batch.seqs[i]
+            k = seq.params.prompt_logprobs
+            nxt = seq.token_ids[first + 1: first + 1 + logits.shape[0]]
+            if seq.index == 0 and len(seq.request.prompt_logprobs) == first + 1:
+                seq.request.prompt_logprobs.extend(sampler.prompt_logprobs(logits, nxt, k))
+        moved = {}
+        if result.sample_rows:
+            seqs = [batch.seqs[i] for i in result.sample_rows]
+            sampled = sampler.sample(result.logits, seqs, self.eos_token_ids)
+            for row, seq in enumerate(seqs):
+                self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
+                moved[id(seq.request)] = seq.request
+        outputs = []
+        for request in moved.values():
+            if request.finished:
+                request.metrics.finished_time = time.time()
+                self.requests.pop(request.request_id, None)
+            outputs.append(self._output(request))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(top)
+        m = seq.request.metrics
+        if m.first_token_time is None:
+            m.first_token_time = time.time()
+        new_text = self.detokenizer.step(seq)
+        params = seq.params
+        reason = stop_reason = None
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif not params.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            else:
+                stop = find_stop_string(seq, len(new_text))
+                if stop is not None:
+                    reason, stop_reason = "stop", stop
+        if reason is None:
+            if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob, s.logprobs,
+                                 s.finish_reason, s.stop_reason) for s in request.seqs]
+        p = request.prompt
+        return RequestOutput(request.request_id, p.prompt, p.prompt_token_ids, outs, request.finished,
+                             prompt_logprobs=request.prompt_logprobs, metrics=request.metrics,
+                             num_cached_tokens=request.metrics.num_cached_tokens,
+                             encoder_prompt_token_ids=p.encoder_prompt_token_ids)
+
+    # --- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": self.kv.usage,
+            "kv_free_blocks": self.kv.num_free_blocks,
+            "kv_total_blocks": self.kv.num_blocks,
+            "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "encoder_cache_hits": self.runner.encoder_cache.hits,
+            "encoder_calls": self.runner.encoder_calls,
+        }

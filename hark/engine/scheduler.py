@@ -1,0 +1,105 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Every step has a token budget (max_num_batched_tokens) and a cap on running sequences
+(max_num_seqs). Running sequences go first (a decode costs one token, an unfinished prefill takes
+what the budget leaves: chunked prefill); then waiting ones are admitted in arrival order while
+budget, sequence slots and KV blocks last. When a running sequence needs a block and none is free,
+the newest running sequence is preempted: its blocks are freed and it is recomputed later from its
+tokens, so its output does not change.
+"""
+from collections import deque
+from dataclasses import dataclass
+
+from hark.engine.kv_cache import KVCacheManager
+from hark.engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    preempted: list[Sequence]
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        scheduled: list[Sequence] = []
+        counts: list[int] = []
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate(seq, n):
+                victim = self.running.pop()            # the newest
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(seq)
+                counts.append(n)
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: nothing newer is left running
+
+        if not preempted:
+            skipped = []
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                if seq.parent is not None and not seq.parent.prefilled and not seq.parent.is_finished:
+                    skipped.append(self.waiting.popleft())      # wait for the parent's prompt KV
+                    continue
+                if not seq.block_table:
+                    self.kv.reuse_prefix(seq)
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if not self.kv.allocate(seq, n):
+                    break
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                scheduled.append(seq)
+                counts.append(n)
+                budget -= n
+            self.waiting.extendleft(reversed(skipped))
+        return ScheduledBatch(scheduled, counts, preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        if seq.request.metrics is not None:
+            seq.request.metrics.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished or aborted sequence and frees its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
