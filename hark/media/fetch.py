@@ -4,7 +4,8 @@ An http(s) fetch checks each hop before any byte is sent: the scheme, the host a
 allow-list, and every address the host resolves to. It then connects to the address it checked
 (the URL's host is replaced by that IP; the Host header and TLS SNI keep the name, so certificates
 are still verified against the name), so a second DNS answer cannot redirect the connection.
-Redirects are followed by hand, each hop checked again. The body is streamed under the byte cap,
+Requests go straight to an httpx transport: the client's redirect machinery is not involved, and
+redirects are followed here, each hop checked again. The body is streamed under the byte cap,
 and the whole fetch, redirects included, is bounded by policy.timeout_s (sync: checked between
 reads, each read bounded by the time left; DNS resolution itself is bounded only by the system
 resolver there). The sync and async paths share every check; they differ only in their I/O calls.
@@ -15,6 +16,7 @@ import time
 
 import httpx
 
+import hark
 from hark.media.addresses import resolve, vetted_address
 from hark.media.errors import MediaError, MediaFetchError, MediaNotAllowedError, MediaTooLargeError
 from hark.media.inline import decode_data_url, read_local_file
@@ -47,12 +49,11 @@ async def afetch_media(url: str, policy: MediaPolicy) -> bytes:
 
 def _fetch_http(url: httpx.URL, policy: MediaPolicy) -> bytes:
     deadline = _Deadline(url, policy)
-    with _translate_httpx_errors(url, policy), \
-            httpx.Client(transport=policy.transport, trust_env=False) as client:
+    with _translate_httpx_errors(url, policy), policy.transport or httpx.HTTPTransport() as transport:
         for _ in range(policy.max_redirects + 1):
             _check_hop(url, policy)
             address = vetted_address(url.host, resolve(*_host_port(url)), policy)
-            response = client.send(_pinned_request(client, url, address, deadline), stream=True)
+            response = transport.handle_request(_pinned_request(url, address, deadline))
             try:
                 next_url = _redirect_target(response, url, policy)
                 if next_url is None:
@@ -69,12 +70,12 @@ def _fetch_http(url: httpx.URL, policy: MediaPolicy) -> bytes:
 async def _afetch_http(url: httpx.URL, policy: MediaPolicy) -> bytes:
     deadline = _Deadline(url, policy)
     with _translate_httpx_errors(url, policy):
-        async with httpx.AsyncClient(transport=policy.transport, trust_env=False) as client:
+        async with policy.transport or httpx.AsyncHTTPTransport() as transport:
             for _ in range(policy.max_redirects + 1):
                 _check_hop(url, policy)
                 addresses = await asyncio.to_thread(resolve, *_host_port(url))
                 address = vetted_address(url.host, addresses, policy)
-                response = await client.send(_pinned_request(client, url, address, deadline), stream=True)
+                response = await transport.handle_async_request(_pinned_request(url, address, deadline))
                 try:
                     next_url = _redirect_target(response, url, policy)
                     if next_url is None:
@@ -118,13 +119,14 @@ def _host_port(url: httpx.URL) -> tuple[str, int]:
     return url.raw_host.decode("ascii"), url.port or DEFAULT_PORTS[url.scheme]
 
 
-def _pinned_request(client: httpx.Client | httpx.AsyncClient, url: httpx.URL, address: str,
-                    deadline: "_Deadline") -> httpx.Request:
-    """A GET to `address`, the vetted IP, that the server sees as a request for `url`."""
-    headers = {"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"}
-    extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
-    return client.build_request("GET", url.copy_with(host=address), headers=headers,
-                                extensions=extensions, timeout=deadline.remaining())
+def _pinned_request(url: httpx.URL, address: str, deadline: "_Deadline") -> httpx.Request:
+    """A GET sent to `address`, the vetted IP, that the server sees as a request for `url`."""
+    headers = {"Host": url.netloc.decode("ascii"), "User-Agent": f"hark/{hark.__version__}",
+               "Accept-Encoding": "identity"}
+    extensions = {"timeout": httpx.Timeout(deadline.remaining()).as_dict()}
+    if url.scheme == "https":
+        extensions["sni_hostname"] = url.raw_host.decode("ascii")
+    return httpx.Request("GET", url.copy_with(host=address), headers=headers, extensions=extensions)
 
 
 def _redirect_target(response: httpx.Response, url: httpx.URL, policy: MediaPolicy) -> httpx.URL | None:
