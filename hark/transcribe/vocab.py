@@ -32,7 +32,7 @@ class WhisperVocab:
         def token(*names: str) -> int:
             for name in names:
                 token_id = tokenizer.convert_tokens_to_ids(name)
-                if token_id is not None and token_id != tokenizer.unk_token_id:
+                if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) == name:
                     return token_id
             raise InvalidTranscriptionRequest(f"the model's tokenizer has no {names[0]} token; it is not a Whisper checkpoint")
 
@@ -40,7 +40,8 @@ class WhisperVocab:
         languages = {}
         if generation_config.get("is_multilingual", True) and len(tokenizer) >= 51865:
             languages = {code: tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in LANGUAGES}
-            languages = {code: i for code, i in languages.items() if i is not None and i != tokenizer.unk_token_id}
+            languages = {code: i for code, i in languages.items()
+                         if i is not None and tokenizer.convert_ids_to_tokens(i) == f"<|{code}|>"}
         return cls(
             tokenizer=tokenizer,
             eot=token("<|endoftext|>"),
