@@ -4,6 +4,9 @@ any non-loopback address."""
 import asyncio
 import http.server
 import ipaddress
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 
@@ -22,9 +25,9 @@ class RouteToLoopback(httpx.BaseTransport, httpx.AsyncBaseTransport):
     """Stands in for the internet: a request to PUBLIC_IP lands on 127.0.0.1, loopback stays loopback,
     anything else fails the test. Records where each request was sent."""
 
-    def __init__(self):
+    def __init__(self, verify: ssl.SSLContext | bool = True):
         self.sent_to = []
-        self.sync, self.async_ = httpx.HTTPTransport(), httpx.AsyncHTTPTransport()
+        self.sync, self.async_ = httpx.HTTPTransport(verify=verify), httpx.AsyncHTTPTransport(verify=verify)
 
     def route(self, request: httpx.Request) -> None:
         host = request.url.host
@@ -53,7 +56,7 @@ class RouteToLoopback(httpx.BaseTransport, httpx.AsyncBaseTransport):
 class LocalServer:
     """An HTTP/1.0 server on 127.0.0.1 in a thread; routes maps a path to a function(handler)."""
 
-    def __init__(self, routes: dict):
+    def __init__(self, routes: dict, tls: ssl.SSLContext | None = None):
         self.requests = []  # (path, Host header) of each request received
         received = self.requests
 
@@ -68,6 +71,8 @@ class LocalServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads, self.httpd.block_on_close = True, False
         self.httpd.handle_error = lambda request, address: None  # the client hung up: expected here
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -124,8 +129,8 @@ def silent(handler):
 def serve():
     servers = []
 
-    def start(routes):
-        servers.append(LocalServer(routes))
+    def start(routes, tls=None):
+        servers.append(LocalServer(routes, tls))
         return servers[-1]
     yield start
     for server in servers:
@@ -318,3 +323,35 @@ def test_other_schemes_are_refused(fetch, url):
 def test_malformed_http_url_is_a_media_error(fetch):
     with pytest.raises(MediaError):
         fetch("http://exa mple.com:99999/a.wav", MediaPolicy(allowed_domains=("*",)))
+
+
+def self_signed(tmp_path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for DNS name `name` only, and a client context trusting it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=30)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(fetch, serve, tmp_path):
+    server_tls, client_tls = self_signed(tmp_path, "localhost")  # no IP in the certificate
+    server = serve({"/a.wav": send(AUDIO)}, tls=server_tls)
+    route = RouteToLoopback(verify=client_tls)
+    policy = MediaPolicy(allowed_domains=("localhost",), allow_private_addresses=True, transport=route)
+    assert fetch(f"https://localhost:{server.port}/a.wav", policy) == AUDIO
+    assert route.sent_to == ["127.0.0.1"]
+
+
+def test_https_certificate_for_another_name_is_refused(fetch, serve, tmp_path):
+    server_tls, client_tls = self_signed(tmp_path, "other.example")
+    server = serve({"/a.wav": send(AUDIO)}, tls=server_tls)
+    policy = MediaPolicy(allowed_domains=("localhost",), allow_private_addresses=True,
+                         transport=RouteToLoopback(verify=client_tls))
+    with pytest.raises(MediaFetchError, match="connection"):
+        fetch(f"https://localhost:{server.port}/a.wav", policy)
+    assert server.requests == []
