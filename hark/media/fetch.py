@@ -43,7 +43,7 @@ async def afetch_media(url: str, policy: MediaPolicy) -> bytes:
     http_url = _parse_http_url(url)
     try:
         return await asyncio.wait_for(_afetch_http(http_url, policy), policy.timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         raise _timeout_error(http_url, policy) from None
 
 
@@ -182,6 +182,6 @@ def _translate_httpx_errors(url: httpx.URL, policy: MediaPolicy):
         yield
     except httpx.TimeoutException:
         raise _timeout_error(url, policy) from None
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.InvalidURL):  # InvalidURL: an address httpx cannot put in a URL
         raise MediaFetchError(f"fetching media from {url.host!r} failed: the connection could not be "
                               "made or broke off") from None
