@@ -6,10 +6,10 @@ import torch
 
 from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
 from hark.transcribe.meters import LogprobMeter, NoSpeechProbe
-from hark.transcribe.options import TranscriptionOptions
+from hark.transcribe.options import InvalidTranscriptionRequest, TranscriptionOptions
 from hark.transcribe.rules import SuppressTokens, TimestampRules
 from hark.transcribe.segments import compression_ratio, split_segments
-from hark.transcribe.vocab import InvalidTranscriptionRequest, WhisperVocab
+from hark.transcribe.vocab import WhisperVocab
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 from dataclasses import asdict
 
 from hark.transcribe.result import Transcription
-from hark.transcribe.vocab import InvalidTranscriptionRequest
+from hark.transcribe.options import InvalidTranscriptionRequest
 
 FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
 EXTENSIONS = {"text": "txt", "json": "json", "verbose_json": "json", "srt": "srt", "vtt": "vtt"}

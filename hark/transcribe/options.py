@@ -2,11 +2,14 @@
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hark.transcribe.vocab import InvalidTranscriptionRequest
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 TASKS = ("transcribe", "translate")
 SPLITS = ("quiet", "speech")
+
+
+class InvalidTranscriptionRequest(ValueError):
+    """A transcription option or input the user can fix."""
 
 
 @dataclass

@@ -3,11 +3,9 @@ from dataclasses import dataclass, field
 
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
+from hark.transcribe.options import InvalidTranscriptionRequest
+
 TIME_PRECISION = 0.02  # seconds per timestamp token
-
-
-class InvalidTranscriptionRequest(ValueError):
-    """A transcription option or input the user can fix."""
 
 
 @dataclass
