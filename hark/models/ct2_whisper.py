@@ -96,6 +96,7 @@ class CT2ModelFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """A floating-point tensor; int8 weights are dequantized to float32 with their row scales."""
+        name = self.aliases.get(name, name)
         tensor = self.raw(name)
         if name + "_scale" not in self:
             return tensor

@@ -63,9 +63,9 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
 
     def keys_values(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """encoder_states [..., S, D] -> K, V [..., H, S, Dh]."""
+        """encoder_states [..., S, D] -> K, V [..., H, S, Dh], contiguous (SDPA is much slower on views)."""
         k, v = self.kv_proj(encoder_states).unflatten(-1, (2, self.num_heads, self.head_dim)).movedim(-3, 0)
-        return k.transpose(-3, -2), v.transpose(-3, -2)
+        return k.transpose(-3, -2).contiguous(), v.transpose(-3, -2).contiguous()
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed decoder tokens x [T, D]; each sequence attends to its own request's encoder output.
