@@ -12,4 +12,5 @@ from hark.audio.errors import (
 from hark.audio.limits import TRANSCRIPTION_LIMITS, AudioLimits
 from hark.audio.load import load_audio
 from hark.audio.split import split_audio
+from hark.audio.mel import log_mel_spectrogram
 from hark.audio.vad import split_on_speech

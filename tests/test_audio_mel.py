@@ -1,0 +1,70 @@
+"""log_mel_spectrogram against transformers' WhisperFeatureExtractor on real speech."""
+import glob
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+
+from hark.audio import load_audio, log_mel_spectrogram
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    return [load_audio(p) for p in sorted(glob.glob(str(DATA / "*.wav")))]
+
+
+def reference(audios, n_mels, **kwargs) -> torch.Tensor:
+    extractor = WhisperFeatureExtractor(feature_size=n_mels)
+    return extractor(audios, sampling_rate=16000, return_tensors="pt", **kwargs).input_features
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_matches_whisper_feature_extractor_padded_to_30_s(clips, n_mels):
+    features, mask = log_mel_spectrogram(clips, n_mels=n_mels)
+    assert features.shape == (len(clips), n_mels, 3000) and features.dtype == torch.float32
+    assert (features - reference(clips, n_mels)).abs().max() < 1e-3
+    assert mask.shape == (len(clips), 3000) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [len(c) // 160 for c in clips]
+    assert all(mask[i, : len(c) // 160].all() for i, c in enumerate(clips))
+
+
+def test_matches_on_full_and_overlong_audio(clips):
+    speech = np.concatenate(clips * 2)  # 49 s: truncated to 30 s like the reference
+    features, mask = log_mel_spectrogram([speech, speech[:480000]])
+    ref = reference([speech], 80)
+    assert (features[0] - ref[0]).abs().max() < 1e-3 and (features[1] - ref[0]).abs().max() < 1e-3
+    assert mask.all()
+
+
+def test_pad_to_longest_and_to_a_given_length(clips):
+    features, mask = log_mel_spectrogram(clips, n_frames=None)
+    longest = max(len(c) for c in clips)
+    assert features.shape == (len(clips), 80, longest // 160)
+    assert (features - reference(clips, 80, padding="longest")).abs().max() < 1e-3
+    assert mask.sum(1).tolist() == [len(c) // 160 for c in clips]
+
+    features, mask = log_mel_spectrogram(clips, n_frames=1000)  # 10 s
+    assert features.shape == (len(clips), 80, 1000)
+    ref = reference(clips, 80, padding="max_length", max_length=160_000, truncation=True)
+    assert (features - ref).abs().max() < 1e-3
+
+
+def test_batched_equals_one_by_one_and_accepts_tensors(clips):
+    batched, _ = log_mel_spectrogram(clips)
+    for i, clip in enumerate(clips):
+        single, _ = log_mel_spectrogram([torch.from_numpy(clip)])
+        assert torch.equal(single[0], batched[i])
+
+
+def test_silence_and_bad_input():
+    features, mask = log_mel_spectrogram([np.zeros(16000, np.float32)])
+    assert (features == (-10.0 + 4) / 4).all() and mask.sum() == 100
+    assert (features - reference([np.zeros(16000, np.float32)], 80)).abs().max() < 1e-3
+    with pytest.raises(ValueError):
+        log_mel_spectrogram([])
+    with pytest.raises(ValueError):
+        log_mel_spectrogram([np.zeros((2, 16000), np.float32)])
