@@ -52,7 +52,9 @@ def compare(name: str, audios: list[np.ndarray], repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     speech = np.concatenate([load_audio(p) for p in sorted(glob.glob(str(DATA / "*.wav")))])
     tiled = np.tile(speech, -(-8 * 480000 // len(speech)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
