@@ -36,6 +36,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be ≥ 1, got {self.max_num_batched_tokens}.")
         if self.block_size < 1:
             raise ValueError(f"block_size must be ≥ 1, got {self.block_size}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -47,6 +49,4 @@ class EngineConfig:
             if self.torch_device().type == "cpu" or checkpoint_dtype is None:
                 return torch.float32
             return checkpoint_dtype
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}.")
         return DTYPES[self.dtype]
