@@ -1,0 +1,85 @@
+"""Qwen2-Audio: Whisper-style encoder (masked, average-pooled), a linear projector, a Qwen2 LM.
+
+The encoder turns each clip (at most 30 s) into (((L - 1) // 2 + 1) - 2) // 2 + 1 embeddings for L
+valid mel frames (25 per second); the runner places them over the prompt's <|AUDIO|> tokens.
+Checkpoint names: audio_tower.*, multi_modal_projector.linear.*, language_model.model.*,
+language_model.lm_head.* (transformers 5 in-memory names under model.* are accepted too). As in
+transformers, lm_head is its own weight whatever tie_word_embeddings says.
+"""
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from hark.inputs import AudioItem
+from hark.models.llama import Qwen2ForCausalLM
+from hark.models.whisper_encoder import WhisperAudioEncoder, pad_features
+
+
+class Qwen2AudioForConditionalGeneration(nn.Module):
+    is_encoder_decoder = False
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        text_config = copy.deepcopy(config.text_config)
+        text_config.tie_word_embeddings = False
+        self.audio_tower = WhisperAudioEncoder(config.audio_config, avg_pool=True)
+        self.multi_modal_projector = nn.Linear(config.audio_config.d_model, text_config.hidden_size)
+        self.language_model = Qwen2ForCausalLM(text_config, dtype)
+        lm = self.language_model
+        self.num_kv_layers, self.num_kv_heads, self.head_dim = lm.num_kv_layers, lm.num_kv_heads, lm.head_dim
+        self.max_positions = text_config.max_position_embeddings
+
+    # --- audio --------------------------------------------------------------------------------
+    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+        """One [num_embeds, H] LM-space tensor per item; the encoder runs once over the batch."""
+        features, lengths = pad_features(items)
+        hidden, valid = self.audio_tower(features, lengths, [item.num_frames for item in items])
+        embeds = self.multi_modal_projector(hidden)
+        return [e[:n].clone() for e, n in zip(embeds, valid)]
+
+    # --- LM -----------------------------------------------------------------------------------
+    def kv_attention_modules(self) -> list[nn.Module]:
+        return self.language_model.kv_attention_modules()
+
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings(input_ids)
+
+    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, meta, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
+
+    # --- weights ------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        audio, projector, lm = [], {}, []
+        for name, tensor in weights:
+            name = legacy_name(name)
+            if name.startswith("audio_tower."):
+                audio.append((name.removeprefix("audio_tower."), tensor))
+            elif name.startswith("multi_modal_projector.linear."):
+                projector[name.removeprefix("multi_modal_projector.linear.")] = tensor
+            elif name.startswith("language_model."):
+                lm.append((name.removeprefix("language_model."), tensor))
+            else:
+                raise ValueError(f"checkpoint has an unexpected weight {name!r}")
+        self.audio_tower.load_weights(audio)
+        if set(projector) != {"weight", "bias"}:
+            raise ValueError("checkpoint is missing multi_modal_projector.linear weights")
+        self.multi_modal_projector.load_state_dict(projector)
+        self.language_model.load_weights(lm)
+
+
+def legacy_name(name: str) -> str:
+    """transformers 5 in-memory names (model.audio_tower.*, model.language_model.*, lm_head.*) ->
+    the published checkpoints' names (audio_tower.*, language_model.model.*, language_model.lm_head.*)."""
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name.removeprefix("model.language_model.")
+    if name.startswith(("model.audio_tower.", "model.multi_modal_projector.")):
+        return name.removeprefix("model.")
+    return name

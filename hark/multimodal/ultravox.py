@@ -1,0 +1,49 @@
+"""Ultravox prompts: each audio is written `<|audio|>` and becomes one token per projector output,
+ceil(encoder frames / stack_factor): 6.25 per second of audio with stack_factor 8.
+
+The Whisper encoder sees each clip (at most 30 s) at its own length, as fixie-ai's processor does
+(features padded to the clip itself, not to 30 s). The token that carries the audio in the
+prompt is the config's audio_token_index if set, else `<|audio|>` if the tokenizer has it, else
+`<|reserved_special_token_0|>` (as vLLM uses for Llama 3 tokenizers).
+"""
+import math
+
+from hark.audio import log_mel_spectrogram
+from hark.models.whisper_encoder import conv_output_frames
+from hark.multimodal.audio_inputs import AudioPromptError, AudioPromptProcessor
+
+PLACEHOLDER = "<|audio|>"
+
+
+class UltravoxProcessor(AudioPromptProcessor):
+    placeholder_text = PLACEHOLDER
+
+    def __init__(self, hf_config, tokenizer, model_path: str):
+        audio = hf_config.audio_config
+        self.stack_factor = hf_config.stack_factor
+        super().__init__(tokenizer, model_path, audio_token_id=audio_token_id(hf_config, tokenizer),
+                         hidden_size=hf_config.text_config.hidden_size, n_mels=audio.num_mel_bins,
+                         window_frames=2 * audio.max_source_positions)
+
+    def chat_placeholder(self, index: int) -> str:
+        return PLACEHOLDER
+
+    def audio_features(self, samples):
+        features, mask = log_mel_spectrogram([samples], n_mels=self.n_mels, n_frames=None)
+        frames = int(mask[0].sum())
+        return features[0, :, :frames].clone(), frames
+
+    def num_embeds(self, mel_frames: int) -> int:
+        return math.ceil(conv_output_frames(mel_frames) / self.stack_factor) if mel_frames > 0 else 0
+
+
+def audio_token_id(hf_config, tokenizer) -> int:
+    token_id = getattr(hf_config, "audio_token_index", None)
+    if token_id is not None:
+        return token_id
+    vocab = tokenizer.get_vocab()
+    for token in (PLACEHOLDER, "<|reserved_special_token_0|>"):
+        if token in vocab:
+            return vocab[token]
+    raise AudioPromptError("the Ultravox tokenizer has neither <|audio|> nor <|reserved_special_token_0|>, and "
+                           "config.json sets no audio_token_index: hark cannot place audio in a prompt.")
