@@ -11,6 +11,7 @@ class AudioItem:
     hash: str                   # content hash, or the user's uuid for the item
     num_embeds: int             # placeholder tokens this item occupies in the prompt (0 for Whisper)
     duration_s: float
+    embeddings: torch.Tensor | None = None   # precomputed LM-space embeddings [num_embeds, H]: no encoder
 
 
 @dataclass

@@ -28,6 +28,8 @@ class LLMEngine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.processor = self.loaded.processor
+        if hasattr(self.processor, "configure"):        # audio limits, media policy, mm embeds
+            self.processor.configure(config)
         self.eos_token_ids = self.loaded.eos_token_ids
         self.vocab_size = self._vocab_size()
         model_max = getattr(self.model, "max_positions", None) or getattr(
@@ -55,6 +57,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
+        if hasattr(self.processor, "audio_tokens"):
+            logger.info("hark engine: the KV cache holds %d concurrent requests with 30 s of audio",
+                        self.max_concurrent_audio_requests())
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -71,6 +76,15 @@ class LLMEngine:
     def max_concurrent_sequences(self) -> float:
         """How many max_model_len sequences the KV budget holds at once."""
         return self.kv.num_blocks * self.kv.block_size / self.max_model_len
+
+    def max_concurrent_audio_requests(self, audio_s: float = 30.0, text_tokens: int = 64,
+                                      max_tokens: int = 256) -> int:
+        """How many requests of audio_s seconds of audio, text_tokens of text and max_tokens of output
+        the KV cache holds at once (the scheduler admits requests while their blocks fit)."""
+        audio_tokens = self.processor.audio_tokens(audio_s) if hasattr(self.processor, "audio_tokens") else 0
+        tokens = min(audio_tokens + text_tokens + max_tokens, self.max_model_len)
+        blocks = -(-tokens // self.kv.block_size)
+        return min(self.kv.num_blocks // blocks, self.scheduler.max_num_seqs)
 
     # --- input processing ---------------------------------------------------------------------
     def process_prompt(self, prompt) -> ProcessedPrompt:
@@ -229,4 +243,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "encoder_cache_hits": self.runner.encoder_cache.hits,
             "encoder_calls": self.runner.encoder_calls,
+            "max_concurrent_30s_audio_requests": self.max_concurrent_audio_requests(),
         }

@@ -1,4 +1,5 @@
 """Loads a checkpoint directory (or hub id) into a hark model, tokenizer and prompt processor."""
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -7,6 +8,9 @@ from typing import Iterator
 import torch
 
 from hark.models import registry
+
+# model_type: module with read_config(path, raw_json) for configs AutoConfig cannot read (hub remote code)
+CONFIG_READERS = {"ultravox": "hark.models.ultravox"}
 
 
 @dataclass
@@ -73,10 +77,14 @@ def load_model(config) -> LoadedModel:
             raise ValueError(f"{path} holds a CTranslate2 model.bin that is not a Whisper model.")
         hf_config, weights, tokenizer, generation_config = load_ct2_whisper(path)
     else:
-        try:
-            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        except Exception as e:
-            raise ValueError(f"cannot read config.json in {path}: {e}") from None
+        raw_config = _read_json(os.path.join(path, "config.json"))
+        if raw_config.get("model_type") in CONFIG_READERS:      # remote-code configs hark reads itself
+            hf_config = importlib.import_module(CONFIG_READERS[raw_config["model_type"]]).read_config(path, raw_config)
+        else:
+            try:
+                hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+            except Exception as e:
+                raise ValueError(f"cannot read config.json in {path}: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path, trust_remote_code=config.trust_remote_code)
         weights = iter_checkpoint_weights(path)
         generation_config = _read_json(os.path.join(path, "generation_config.json"))

@@ -40,21 +40,22 @@ class ModelRunner:
     # --- audio encoder ------------------------------------------------------------------------
     def encode_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
         """Encoder outputs for items, from the cache or one batched encoder call for the misses."""
-        missing, seen = [], set()
+        found = {i.hash: i.embeddings for i in items if i.embeddings is not None}   # precomputed
+        missing = []
         for item in items:
-            if item.hash not in self.encoder_cache and item.hash not in seen:
-                missing.append(item)
-                seen.add(item.hash)
-        fresh = {}
+            if item.hash not in found:           # taken before new entries may evict it
+                found[item.hash] = self.encoder_cache.get(item.hash)
+                if found[item.hash] is None:
+                    missing.append(item)
         if missing:
             with torch.inference_mode():
                 outputs = self.model.embed_audio(missing)
             self.encoder_calls += 1
             self.encoder_items += len(missing)
             for item, out in zip(missing, outputs):
-                fresh[item.hash] = out
+                found[item.hash] = out
                 self.encoder_cache.put(item.hash, out)
-        return [fresh[i.hash] if i.hash in fresh else self.encoder_cache.get(i.hash) for i in items]
+        return [found[i.hash] for i in items]
 
     def _prepare_encoder_states(self, seqs: list[Sequence]) -> None:
         pending = [s.request for s in seqs if s.request.encoder_state is None]
