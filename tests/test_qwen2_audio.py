@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from hark import LLM, SamplingParams
-from conftest import make_byte_tokenizer, randomize
+from conftest import CHAT_TEMPLATE, make_byte_tokenizer, randomize
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
@@ -26,9 +26,9 @@ def speech(seconds: float) -> np.ndarray:
     return np.tile(whole, n // len(whole) + 1)[:n]
 
 
-def make_tiny_qwen2_audio(path: str):
+def make_tiny_qwen2_audio(path: str, chat_template: str | None = CHAT_TEMPLATE):
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-    tok = make_byte_tokenizer(path, AUDIO_TOKENS)
+    tok = make_byte_tokenizer(path, AUDIO_TOKENS, chat_template)
     config = Qwen2AudioConfig(
         audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
                           num_mel_bins=128, max_source_positions=1500),

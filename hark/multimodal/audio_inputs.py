@@ -20,7 +20,6 @@ Errors a user can cause (placeholders and audios that do not match, too many aud
 uuids, bad embeddings, unreadable media) are ValueErrors raised before anything is scheduled.
 """
 import base64
-import binascii
 import hashlib
 import io
 import json
@@ -305,7 +304,7 @@ def read_embeds_part(part: dict):
         return value
     try:
         return torch.load(io.BytesIO(base64.b64decode(value, validate=True)), map_location="cpu", weights_only=True)
-    except (binascii.Error, ValueError, RuntimeError, EOFError, OSError):
+    except Exception:      # bad base64, not a torch.save file, or anything weights_only refuses
         raise AudioPromptError("audio_embeds must be a tensor, or base64 of a tensor saved with torch.save.") from None
 
 
