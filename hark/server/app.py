@@ -58,7 +58,7 @@ class _Gate:
 
 
 def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None = None,
-              max_upload_bytes: int = 25 * 2**20) -> FastAPI:
+              max_upload_bytes: int = 25 * 2**20, body_read_timeout_s: float = 30.0) -> FastAPI:
     by_name = {m.name: m for m in models}
 
     @asynccontextmanager
@@ -124,7 +124,7 @@ def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None =
         return await audio.transcribe(pick(form.model, whisper=True), form, "translate", request)
 
     app.add_middleware(BodyLimit, max_upload_bytes=max_upload_bytes,
-                       max_json_bytes=max_upload_bytes * 4 // 3 + 2**20)
+                       max_json_bytes=max_upload_bytes * 4 // 3 + 2**20, read_timeout_s=body_read_timeout_s)
     app.add_middleware(_Gate, metrics=metrics, api_key=api_key, is_draining=lambda: app.state.draining)
     return app
 

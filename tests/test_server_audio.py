@@ -1,0 +1,137 @@
+"""hark serve end to end with the openai client on audio: transcription and translation with Whisper tiny.en
+(every response format, word timestamps, streaming, long audio) and audio chat with a tiny random Qwen2-Audio."""
+import base64
+import glob
+import io
+import os
+
+import httpx
+import jiwer
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from hark.engine.async_engine import AsyncLLMEngine
+from hark.llm import LLM
+from hark.media import MediaPolicy
+from hark.sampling import SamplingParams
+from hark.server.app import BackgroundServer, build_app
+from hark.server.metrics import Metrics
+from hark.server.state import ServedModel
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+WAVS = sorted(glob.glob(os.path.join(DATA, "*.wav")))
+
+
+def reference_words(wav: str) -> list[str]:
+    with open(wav[:-4] + ".txt") as f:
+        return [w.strip(".,;:!?\"'").lower() for w in f.read().split()]
+
+
+def words_of(text: str) -> list[str]:
+    return [w.strip(".,;:!?\"'").lower() for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def whisper_server():
+    llm = LLM(max_num_seqs=16)
+    metrics = Metrics()
+    app = build_app([ServedModel("whisper-1", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
+    with BackgroundServer(app) as url:
+        yield url
+
+
+@pytest.fixture
+def client(whisper_server):
+    return openai.OpenAI(base_url=whisper_server + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_transcription_formats(client):
+    wav = WAVS[0]
+    want = reference_words(wav)
+    with open(wav, "rb") as f:
+        audio = f.read()
+    r = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="json")
+    got = words_of(r.text)
+    assert sum(a == b for a, b in zip(got, want)) >= 0.8 * len(want)
+    assert r.usage.type == "duration" and r.usage.seconds == int(np.ceil(sf.info(wav).duration))
+    text = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="text")
+    assert text.strip() == r.text
+    srt = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="srt")
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:") and r.text.split()[0] in srt
+    vtt = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    verbose = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio),
+                                                 response_format="verbose_json",
+                                                 timestamp_granularities=["word", "segment"])
+    assert verbose.text == r.text and verbose.language == "en" and abs(verbose.duration - sf.info(wav).duration) < 0.01
+    assert verbose.segments[0].start == 0.0 and verbose.segments[-1].end <= verbose.duration + 0.5
+    assert [w.word.strip() for w in verbose.words] == r.text.split()
+    starts = [w.start for w in verbose.words]
+    assert starts == sorted(starts) and all(w.end >= w.start for w in verbose.words)
+
+
+def test_transcription_stream_and_long_audio(client):
+    clips = [sf.read(w, dtype="float32")[0] for w in WAVS]
+    long_audio = np.concatenate(clips * 2)       # 49 s: several windows
+    assert len(long_audio) > 40 * 16000
+    buf = io.BytesIO()
+    sf.write(buf, long_audio, 16000, format="WAV")
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=("long.wav", buf.getvalue()), stream=True))
+    assert [e.type for e in events[:-1]] == ["transcript.text.delta"] * (len(events) - 1)
+    done = events[-1]
+    assert done.type == "transcript.text.done" and "".join(e.delta for e in events[:-1]).strip() == done.text
+    assert done.usage.seconds == int(np.ceil(len(long_audio) / 16000))
+    assert done.text == LLM().transcribe(long_audio).text      # the server changes nothing
+    reference = " ".join(" ".join(reference_words(w)) for w in WAVS * 2)
+    assert jiwer.wer(reference, " ".join(words_of(done.text.replace("Mr.", "mister")))) < 0.3
+
+
+def test_translation_needs_a_multilingual_model(client, whisper_server):
+    with open(WAVS[0], "rb") as f:
+        with pytest.raises(openai.BadRequestError, match="English-only"):
+            client.audio.translations.create(model="whisper-1", file=("a.wav", f.read()))
+    with open(WAVS[1], "rb") as f:
+        assert client.audio.transcriptions.create(model="whisper-1", file=("b.wav", f.read())).text
+
+
+@pytest.fixture(scope="module")
+def audio_chat_server(tmp_path_factory):
+    from test_qwen2_audio import make_tiny_qwen2_audio
+    path = str(tmp_path_factory.mktemp("qwen2_audio"))
+    make_tiny_qwen2_audio(path)
+    media = tmp_path_factory.mktemp("media")
+    llm = LLM(path, max_model_len=1024, num_kv_blocks=256, allowed_local_media_path=str(media))
+    metrics = Metrics()
+    served = ServedModel("qwen2-audio", AsyncLLMEngine(llm.llm_engine), metrics,
+                         media_policy=MediaPolicy(allowed_local_root=str(media)))
+    app = build_app([served], metrics)
+    with BackgroundServer(app) as url:
+        yield url, llm, media
+
+
+def test_audio_chat_matches_offline(audio_chat_server):
+    url, llm, media = audio_chat_server
+    with open(WAVS[0], "rb") as f:
+        wav = f.read()
+    (media / "clip.wav").write_bytes(wav)
+    b64 = base64.b64encode(wav).decode()
+    question = {"type": "text", "text": "What is said?"}
+    parts = {
+        "input_audio": {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+        "data_url": {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64}},
+        "file_url": {"type": "audio_url", "audio_url": {"url": f"file://{media}/clip.wav"}},
+    }
+    offline = llm.chat([{"role": "user", "content": [parts["input_audio"], question]}],
+                       SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    for name, part in parts.items():
+        r = client.chat.completions.create(model="qwen2-audio", messages=[{"role": "user", "content": [part, question]}],
+                                           temperature=0, max_tokens=8)
+        assert r.choices[0].message.content == offline.outputs[0].text, name
+        assert r.usage.prompt_tokens == len(offline.prompt_token_ids) > 200   # 7 s of audio: ~180 audio tokens
+    bad = httpx.post(url + "/v1/chat/completions", json={"model": "qwen2-audio", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF" + bytes(100)).decode(), "format": "wav"}},
+        question]}]})
+    assert bad.status_code == 400 and bad.json()["error"]["message"]
