@@ -79,6 +79,7 @@ def _top_logprobs(logprobs_row: torch.Tensor, token: int, k: int) -> dict[int, L
     return result
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> SampleResult:
     logits = logits.float()
     _apply_constraints(logits, seqs, eos_ids)
@@ -99,6 +100,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> Sa
     return SampleResult(tokens, chosen, tops)
 
 
+@torch.inference_mode()
 def prompt_logprobs(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[dict[int, Logprob]]:
     """Logprobs of each prompt token given what precedes it (rows are positions 0..n-2)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
