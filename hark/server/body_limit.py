@@ -1,12 +1,15 @@
 """Caps request bodies while they are read: a declared Content-Length over the cap is refused before a
 byte of the body is read, and a body without one (chunked) is counted as it arrives and refused at the
-first byte over. A client that stalls mid-body for longer than read_timeout_s is answered 408."""
+first byte over. A client that stalls mid-body for longer than read_timeout_s is answered 408. Both
+answers close the connection, so the rest of such a body is never read."""
 import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hark.server.errors import error_response
+
+CLOSE = {"Connection": "close"}
 
 
 class BodyLimit:
@@ -26,7 +29,8 @@ class BodyLimit:
         cap = self._cap(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            return await error_response(413, self._too_large(cap), code="request_too_large")(scope, receive, send)
+            response = error_response(413, self._too_large(cap), code="request_too_large", headers=CLOSE)
+            return await response(scope, receive, send)
         received, body_done = 0, False
 
         async def capped_receive():
@@ -36,11 +40,12 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout_s)
             except asyncio.TimeoutError:
-                raise HTTPException(408, f"the request body stalled for over {self.read_timeout_s:g} s") from None
+                raise HTTPException(408, f"the request body stalled for over {self.read_timeout_s:g} s",
+                                    headers=CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > cap:
-                    raise HTTPException(413, self._too_large(cap))
+                    raise HTTPException(413, self._too_large(cap), headers=CLOSE)
                 body_done = not message.get("more_body", False)
             return message
 

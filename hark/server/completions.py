@@ -152,7 +152,7 @@ async def _start(served: ServedModel, request: Request, prompt, params, request_
 
 async def chat_completions(served: ServedModel, body: ChatCompletionRequest, request: Request):
     params = body.to_sampling_params()
-    prompt = await served.chat_prompt(body.messages, body.chat_template, body.add_generation_prompt,
+    prompt = await served.chat_prompt(body.conversation(), body.chat_template, body.add_generation_prompt,
                                       body.chat_template_kwargs or {})
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

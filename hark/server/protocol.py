@@ -46,14 +46,28 @@ class _Sampling(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
 class ChatCompletionRequest(_Sampling):
-    messages: list[dict] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
     add_generation_prompt: bool = True
+
+    def conversation(self) -> list[dict]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
 
     def to_sampling_params(self) -> SamplingParams:
         top = (self.top_logprobs or 0) if self.logprobs else None
