@@ -4,8 +4,12 @@
 def _text_of(content) -> str:
     if isinstance(content, str):
         return content
+    if content is None:
+        return ""
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise ValueError("message content must be a string or a list of content-part objects.")
     parts = []
-    for part in content or []:
+    for part in content:
         if part.get("type") != "text":
             raise ValueError(f"content part type {part.get('type')!r} is not supported by this model; "
                              f"it takes text only.")
