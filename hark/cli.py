@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as e:   # anything the user can fix: bad file, option, model
+    except (ValueError, OSError) as e:   # anything the user can fix: bad or missing file, option, model
         parser.exit(2, f"hark {args.command}: error: {e}\n")
 
 

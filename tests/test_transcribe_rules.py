@@ -1,11 +1,9 @@
 """Whisper's decoding rules, segment parsing and quality gates, on the real tiny.en vocabulary."""
-import math
-
 import pytest
 import torch
 
 from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
-from hark.transcribe.meters import LogprobMeter, NoSpeechProbe
+from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import InvalidTranscriptionRequest, TranscriptionOptions
 from hark.transcribe.rules import SuppressTokens, TimestampRules
 from hark.transcribe.segments import compression_ratio, split_segments
@@ -126,16 +124,12 @@ def test_suppress_blank_only_at_the_start(vocab):
     assert vocab.sot not in later and vocab.no_speech not in later
 
 
-def test_meters_record_no_speech_and_processed_logprobs():
-    probe, meter = NoSpeechProbe(no_speech_token=3), LogprobMeter()
-    rows = [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, -math.inf, 1.0, 0.0])]
-    tokens = [2, 0]
-    for step, row in enumerate(rows):
-        meter(tokens[:step], probe(tokens[:step], row.clone()))
-    assert probe.prob == pytest.approx(torch.softmax(rows[0], 0)[3].item())
-    expected = torch.log_softmax(rows[0], 0)[2] + torch.log_softmax(rows[1], 0)[0]
-    assert meter.total(tokens) == pytest.approx(expected.item())
-    assert meter.total(tokens) == pytest.approx(expected.item())   # idempotent
+def test_no_speech_probe_reads_the_first_step_only():
+    probe = NoSpeechProbe(no_speech_token=3)
+    first, later = torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([9.0, 0.0, 0.0, 0.0])
+    assert probe([], first) is first
+    probe([2], later)
+    assert probe.prob == pytest.approx(torch.softmax(first, 0)[3].item())
 
 
 def test_split_segments_pairs_and_cut_off_text(vocab):

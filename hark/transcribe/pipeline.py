@@ -18,24 +18,26 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from hark.audio import AudioLimits, load_audio
+from hark.audio import AudioLimits, load_audio, split_audio, split_on_speech
 from hark.inputs import ProcessedPrompt
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
 from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
-from hark.transcribe.meters import LogprobMeter, NoSpeechProbe
+from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
 from hark.transcribe.result import Segment, Transcription
 from hark.transcribe.rules import SuppressTokens, TimestampRules
 from hark.transcribe.segments import compression_ratio, split_segments
-from hark.transcribe.vocab import WhisperVocab
+from hark.transcribe.vocab import TIME_PRECISION, WhisperVocab
 from hark.transcribe.words import attach_words
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
+QUIET_SEARCH_S = 5.0  # a window ends at the quietest point of its last 5 s, where a pause between sentences likely is
+MIN_TAIL_S = 0.3    # shorter unfinished tails are dropped, not decoded again
 DENSE_BATCH = 8     # windows per dense decoder run (cross-attention weights are [B, H, L, 1500] per layer)
-# Local files may be long: no duration cap here (the server passes its own limits).
-OFFLINE_LIMITS = AudioLimits(max_duration_s=math.inf, max_decoded_bytes=2**40, max_input_bytes=2**40)
+# Local files may be long: no duration cap, only sanity caps on memory (the server passes its own limits).
+OFFLINE_LIMITS = AudioLimits(max_duration_s=math.inf, max_decoded_bytes=16 * 2**30, max_input_bytes=2**30)
 
 ProgressCallback = Callable[[float, float], None]   # (seconds of audio done, seconds in all)
 
@@ -46,9 +48,11 @@ class Window:
     offset: float               # start within that input, seconds
     duration: float
     samples: np.ndarray
+    initial_silence: float = 0.0          # tails: seconds of silence the decode saw at their start
     processed: ProcessedPrompt | None = None
     no_speech_prob: float = math.nan      # from the dense probe, when one ran
     decode: WindowDecode | None = None
+    tail: "Window | None" = None          # the audio after the last finished segment, when the decode stopped early
     segments: list[Segment] = field(default_factory=list)
 
 
@@ -90,23 +94,26 @@ def transcribe(
     prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt)
     ends_at_sot = not vocab.is_multilingual and opts.timestamps   # the decode's first step then sees P(no speech)
     languages = [language_code or "en"] * len(inputs)
-    for w in windows:
-        w.processed = engine.process_prompt(_engine_prompt(w, [vocab.sot]))
-    if not ends_at_sot:
-        detected = _probe_start_of_transcript(engine, vocab, windows)
-        if vocab.is_multilingual and language_code is None:
-            first = {}
-            for w, lang in zip(windows, detected):
-                first.setdefault(w.source, lang)
-            languages = [first.get(i, "en") for i in range(len(inputs))]
-
-    for w in windows:
-        tokens = prompt_prefix + vocab.sot_sequence(languages[w.source], opts.task)
-        if not opts.timestamps:
-            tokens.append(vocab.no_timestamps)
-        w.processed = replace(w.processed, prompt_token_ids=tokens)
-
-    _decode_with_fallback(engine, vocab, opts, windows, ends_at_sot, tracker)
+    pending = windows
+    while pending:   # the windows, then the tails that decodes left unfinished, then theirs
+        for w in pending:
+            w.processed = engine.process_prompt(_engine_prompt(w, [vocab.sot]))
+        if not ends_at_sot:
+            detected = _probe_start_of_transcript(engine, vocab, pending)
+            if vocab.is_multilingual and language_code is None and pending is windows:
+                first = {}
+                for w, lang in zip(windows, detected):
+                    first.setdefault(w.source, lang)
+                languages = [first.get(i, "en") for i in range(len(inputs))]
+        for w in pending:
+            tokens = prompt_prefix + vocab.sot_sequence(languages[w.source], opts.task)
+            if not opts.timestamps:
+                tokens.append(vocab.no_timestamps)
+            w.processed = replace(w.processed, prompt_token_ids=tokens)
+        _decode_with_fallback(engine, vocab, opts, pending, ends_at_sot, tracker)
+        pending = [w.tail for w in pending if w.tail is not None]
+        windows = windows + pending
+    windows.sort(key=lambda w: (w.source, w.offset))
 
     for w in windows:
         if is_silence(w.decode, opts):
@@ -134,13 +141,12 @@ def transcribe(
 
 
 def _split(source: int, samples: np.ndarray, how: str) -> list[Window]:
-    from hark.audio import split_audio, split_on_speech
     if len(samples) <= WINDOW_S * SAMPLE_RATE:
         chunks = [(samples, 0.0)]
     elif how == "speech":
         chunks = split_on_speech(samples, SAMPLE_RATE, max_clip_duration_s=WINDOW_S)
     else:
-        chunks = split_audio(samples, SAMPLE_RATE, max_clip_duration_s=WINDOW_S)
+        chunks = split_audio(samples, SAMPLE_RATE, max_clip_duration_s=WINDOW_S, overlap_duration_s=QUIET_SEARCH_S)
     return [Window(source, float(start), len(chunk) / SAMPLE_RATE, chunk) for chunk, start in chunks if len(chunk)]
 
 
@@ -191,35 +197,41 @@ def _decode_with_fallback(engine, vocab, opts: TranscriptionOptions, windows: li
     """Decodes all windows at the first temperature, then the failing ones at the next, and so on."""
     suppressed = vocab.suppress_tokens + ([] if opts.timestamps else list(range(vocab.timestamp_begin, engine.vocab_size)))
     suppress = SuppressTokens(suppressed, vocab.begin_suppress_tokens)
-    rules = TimestampRules(vocab, opts.max_initial_timestamp) if opts.timestamps else None
     max_context = engine.loaded.hf_config.max_target_positions
     pending = windows
     for attempt, temperature in enumerate(opts.temperature):
         last = attempt == len(opts.temperature) - 1
         requests = {}
         for n, w in enumerate(pending):
-            probe, logprobs = NoSpeechProbe(vocab.no_speech), LogprobMeter()
-            processors = ([probe] if ends_at_sot else []) + [suppress] + ([rules] if rules else []) + [logprobs]
+            probe = NoSpeechProbe(vocab.no_speech)
+            processors = ([probe] if ends_at_sot else []) + [suppress]
+            if opts.timestamps:
+                processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence))
             prompt_len = len(w.processed.prompt_token_ids)
             params = SamplingParams(
                 temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
                 seed=None if opts.seed is None else opts.seed + n, logits_processors=processors)
             rid = engine.add_request(None, params, processed=w.processed)
-            requests[rid] = (w, probe, logprobs)
+            requests[rid] = (w, probe)
         failed = []
         try:
-            while requests:
-                for out in engine.step():
-                    if not out.finished or out.request_id not in requests:
-                        continue
-                    w, probe, logprobs = requests.pop(out.request_id)
-                    token_ids = out.outputs[0].token_ids
-                    w.decode = _window_decode(vocab, token_ids, temperature, logprobs.total(token_ids),
-                                              probe.prob if ends_at_sot else w.no_speech_prob)
-                    if not last and needs_fallback(w.decode, opts):
-                        failed.append(w)
-                    else:
-                        tracker.advance(w.duration)
+            with torch.inference_mode():   # the processors edit the engine's logits rows in place
+                while requests:
+                    for out in engine.step():
+                        if not out.finished or out.request_id not in requests:
+                            continue
+                        w, probe = requests.pop(out.request_id)
+                        # The engine's log-probabilities are of the processed logits without the
+                        # temperature: openai-whisper's sum_logprob.
+                        completion = out.outputs[0]
+                        w.decode = _window_decode(vocab, completion.token_ids, temperature,
+                                                  completion.cumulative_logprob,
+                                                  probe.prob if ends_at_sot else w.no_speech_prob)
+                        if not last and needs_fallback(w.decode, opts):
+                            failed.append(w)
+                        else:
+                            w.tail = _split_off_tail(w, vocab, opts)
+                            tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
         except BaseException:
             for rid in requests:
                 engine.abort_request(rid)
@@ -227,6 +239,33 @@ def _decode_with_fallback(engine, vocab, opts: TranscriptionOptions, windows: li
         pending = failed
         if not pending:
             return
+
+
+def _split_off_tail(w: Window, vocab: WhisperVocab, opts: TranscriptionOptions) -> Window | None:
+    """openai-whisper's seek rule, batched: a decode that ends with a timestamp pair (the next segment
+    opened, not finished) consumed its window only up to its last finished segment. Its tokens are cut
+    there and the rest of the window becomes a new, shorter window. Whisper does this when speech runs
+    into the window's end: it leaves the cut-off sentence to the next window."""
+    tokens = w.decode.tokens
+    if not opts.timestamps or is_silence(w.decode, opts) or len(tokens) < 2:
+        return None
+    if not vocab.is_timestamp(tokens[-1]) or not vocab.is_timestamp(tokens[-2]):
+        if vocab.is_timestamp(tokens[-1]):
+            return None                      # a single timestamp ends: the window is done
+    pairs = [i for i in range(1, len(tokens)) if vocab.is_timestamp(tokens[i - 1]) and vocab.is_timestamp(tokens[i])]
+    if not pairs:
+        return None
+    cut = pairs[-1]           # tokens[cut - 1] closes the last finished segment, tokens[cut] opens the next
+    consumed = (tokens[cut - 1] - vocab.timestamp_begin) * TIME_PRECISION
+    if not 0 < consumed <= w.duration - MIN_TAIL_S:
+        return None
+    w.decode.tokens = tokens[:cut]
+    start = round(consumed * SAMPLE_RATE)
+    # The tail may open with silence up to where the decode placed the unfinished segment: its first
+    # timestamp may come that much later than max_initial_timestamp.
+    silence = max(0.0, (tokens[cut] - tokens[cut - 1]) * TIME_PRECISION)
+    return Window(w.source, w.offset + consumed, (len(w.samples) - start) / SAMPLE_RATE, w.samples[start:],
+                  initial_silence=silence)
 
 
 def _window_decode(vocab: WhisperVocab, token_ids: list[int], temperature: float, sum_logprob: float,
