@@ -14,7 +14,7 @@ from torch import nn
 
 from hark.inputs import AudioItem
 from hark.models.llama import Qwen2ForCausalLM
-from hark.models.whisper_encoder import WhisperAudioEncoder, pad_features
+from hark.models.whisper_encoder import WhisperAudioEncoder
 
 
 class Qwen2AudioForConditionalGeneration(nn.Module):
@@ -35,10 +35,9 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
     # --- audio --------------------------------------------------------------------------------
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] LM-space tensor per item; the encoder runs once over the batch."""
-        features, lengths = pad_features(items)
-        hidden, valid = self.audio_tower(features, lengths, [item.num_frames for item in items])
-        embeds = self.multi_modal_projector(hidden)
-        return [e[:n].clone() for e, n in zip(embeds, valid)]
+        hidden = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
+        embeds = self.multi_modal_projector(torch.cat(hidden)).split([h.shape[0] for h in hidden])
+        return [e.clone() for e in embeds]      # cached apart from the batch
 
     # --- LM -----------------------------------------------------------------------------------
     def kv_attention_modules(self) -> list[nn.Module]:

@@ -23,7 +23,7 @@ from torch import nn
 from hark.inputs import AudioItem
 from hark.models.layers import RMSNorm
 from hark.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
-from hark.models.whisper_encoder import WhisperAudioEncoder, pad_features
+from hark.models.whisper_encoder import WhisperAudioEncoder
 
 LANGUAGE_MODELS = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
 
@@ -123,16 +123,15 @@ class UltravoxModel(nn.Module):
     # --- audio --------------------------------------------------------------------------------
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] tensor per item; the encoder and projector run once over the batch."""
-        features, lengths = pad_features(items)
-        hidden, valid = self.audio_tower(features, lengths, [item.num_frames for item in items])
-        batch, frames, dim = hidden.shape
-        hidden = hidden * (torch.arange(frames, device=hidden.device) <
-                           torch.tensor(valid, device=hidden.device)[:, None])[..., None]   # each clip's own zero pad
-        padded = math.ceil(frames / self.stack_factor) * self.stack_factor
-        stacked = F.pad(hidden, (0, 0, 0, padded - frames)).reshape(batch, padded // self.stack_factor,
-                                                                     dim * self.stack_factor)
-        embeds = self.multi_modal_projector(stacked)
-        return [e[:math.ceil(n / self.stack_factor)].clone() for e, n in zip(embeds, valid)]
+        hidden = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
+        stacks = [self.stack_frames(h) for h in hidden]
+        embeds = self.multi_modal_projector(torch.cat(stacks)).split([s.shape[0] for s in stacks])
+        return [e.clone() for e in embeds]      # cached apart from the batch
+
+    def stack_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """[T, D] -> [ceil(T / stack_factor), D * stack_factor], the last stack padded with zeros."""
+        padded = math.ceil(frames.shape[0] / self.stack_factor) * self.stack_factor
+        return F.pad(frames, (0, 0, 0, padded - frames.shape[0])).reshape(padded // self.stack_factor, -1)
 
     # --- LM -----------------------------------------------------------------------------------
     def kv_attention_modules(self) -> list[nn.Module]:

@@ -1,10 +1,12 @@
-"""Whisper's audio encoder for audio LLMs: variable-length, batched, with a per-item key mask.
+"""Whisper's audio encoder for audio LLMs: variable-length clips, batched without padding.
 
 Audio LLMs (Qwen2-Audio, Ultravox) feed the LM only the encoder frames that come from real
-audio. Those frames attend to real frames only (Qwen2-Audio masks the padding; Ultravox encodes
-each clip at its own length), so a clip's valid outputs do not depend on how far it is padded:
-hark cuts the mel input to what the valid outputs can see (frames + 2, for the two convolutions)
-and pads a batch only to its longest item. A 5 s clip costs 1/6 of a padded 30 s window.
+audio, and those frames attend to real frames only (Qwen2-Audio masks the padding of its 30 s
+window; Ultravox encodes each clip at its own length). So each clip is encoded at its own length:
+the convolutions run per clip over the mel frames the valid outputs depend on (valid + 2), then
+the frames of all clips are packed into one [sum of frames, D] tensor for the projections and MLPs
+(one GEMM for the whole batch) and attention runs per clip. A 5 s clip costs 1/6 of a 30 s window,
+and no clip pays for another's length.
 
 Weight names are transformers' WhisperEncoder / Qwen2AudioEncoder names (conv1, conv2,
 embed_positions, layers.N.self_attn.{q,k,v,out}_proj, ..., layer_norm); Q, K and V are fused here.
@@ -33,11 +35,16 @@ class EncoderAttention(nn.Module):
         self.qkv_proj = nn.Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, S, D]; key_mask [B, 1, 1, S] True where a key may be attended to, or None."""
-        q, k, v = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return self.out_proj(o.transpose(1, 2).flatten(2))
+    def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        """x [N, D]: the frames of several clips one after another, spans[i] of clip i."""
+        qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).transpose(0, 2)  # [H, 3, N, Dh]
+        out = torch.empty_like(qkv[:, 0])
+        start = 0
+        for n in spans:
+            q, k, v = qkv[:, :, start:start + n].unbind(1)
+            out[:, start:start + n] = F.scaled_dot_product_attention(q, k, v)
+            start += n
+        return self.out_proj(out.transpose(0, 1).flatten(1))
 
 
 class EncoderLayer(nn.Module):
@@ -49,15 +56,15 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
+    def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), spans)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
 class WhisperAudioEncoder(nn.Module):
-    """mel [B, n_mels, F] + valid mel frames per item -> hidden [B, S, D] and valid frames per item.
+    """Per clip: mel [n_mels, f] whose first `mel_frames` frames are real audio -> [valid frames, D].
 
-    avg_pool: Qwen2-Audio's stride-2 average pooling before the final layer norm (S halves again).
+    avg_pool: Qwen2-Audio's stride-2 average pooling before the final layer norm (frames halve again).
     """
 
     def __init__(self, config, avg_pool: bool = False):
@@ -72,31 +79,21 @@ class WhisperAudioEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.avg_pool = avg_pool
-        self.max_mel_frames = 2 * config.max_source_positions   # one 30 s window
 
-    def output_frames(self, mel_frames: int) -> int:
-        n = conv_output_frames(mel_frames)
-        return (n - 2) // 2 + 1 if self.avg_pool else n
-
-    def forward(self, features: torch.Tensor, feature_frames: list[int],
-                mel_frames: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """features [B, n_mels, F]: item i holds feature_frames[i] frames (zeros after), of which the
-        first mel_frames[i] come from real audio. Each item is encoded as if it were alone."""
-        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
-        if min(feature_frames) < x.shape[-1]:   # an item alone would see conv2's zero padding there
-            x = x * (torch.arange(x.shape[-1], device=x.device) < torch.tensor(feature_frames, device=x.device)[:, None])[:, None, :]
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        length = x.shape[1]
-        x = x + self.embed_positions.weight[:length]
-        valid = torch.tensor([conv_output_frames(n) for n in mel_frames], device=x.device)
-        key_mask = None
-        if int(valid.min()) < length:
-            key_mask = (torch.arange(length, device=x.device) < valid[:, None])[:, None, None, :]
+    def forward(self, features: list[torch.Tensor], mel_frames: list[int]) -> list[torch.Tensor]:
+        spans, frames = [], []
+        for mel, n in zip(features, mel_frames):
+            x = F.gelu(self.conv2(F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)[None]))))[0].t()
+            valid = conv_output_frames(n)     # later frames only matter to masked (Qwen2-Audio) keys
+            frames.append(x[:valid] + self.embed_positions.weight[:valid])
+            spans.append(valid)
+        x = torch.cat(frames)
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = layer(x, spans)
+        outputs = x.split(spans)
         if self.avg_pool:
-            x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)
-        return self.layer_norm(x), [self.output_frames(n) for n in mel_frames]
+            outputs = [F.avg_pool1d(o.t()[None], kernel_size=2, stride=2)[0].t() for o in outputs]
+        return [self.layer_norm(o) for o in outputs]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF encoder names without prefix (conv1.weight, layers.0.self_attn.q_proj.weight, ...)."""
@@ -120,12 +117,3 @@ class WhisperAudioEncoder(nn.Module):
             raise ValueError(f"checkpoint is missing audio encoder weights: {missing[:5]}")
         for layer in self.layers:          # Whisper's K projection has no bias
             layer.self_attn.qkv_proj.bias.data[d:2 * d].zero_()
-
-
-def pad_features(items) -> tuple[torch.Tensor, list[int]]:
-    """Stacks items' mel features [n_mels, f_i] into [B, n_mels, max f_i] (zero padded); returns the f_i."""
-    lengths = [item.features.shape[-1] for item in items]
-    batch = items[0].features.new_zeros(len(items), items[0].features.shape[0], max(lengths))
-    for row, item, n in zip(batch, items, lengths):
-        row[:, :n] = item.features
-    return batch, lengths
