@@ -249,9 +249,8 @@ def _split_off_tail(w: Window, vocab: WhisperVocab, opts: TranscriptionOptions) 
     tokens = w.decode.tokens
     if not opts.timestamps or is_silence(w.decode, opts) or len(tokens) < 2:
         return None
-    if not vocab.is_timestamp(tokens[-1]) or not vocab.is_timestamp(tokens[-2]):
-        if vocab.is_timestamp(tokens[-1]):
-            return None                      # a single timestamp ends: the window is done
+    if vocab.is_timestamp(tokens[-1]) and not vocab.is_timestamp(tokens[-2]):
+        return None                          # a single timestamp ends: the window is done
     pairs = [i for i in range(1, len(tokens)) if vocab.is_timestamp(tokens[i - 1]) and vocab.is_timestamp(tokens[i])]
     if not pairs:
         return None
