@@ -21,7 +21,7 @@ class AttentionMetadata:
     cross_caches: list[dict] | None = None
     # Precomputed by prepare(): shared by every layer of one forward.
     decode_rows: torch.Tensor | None = field(default=None, repr=False)      # rows of decode tokens
-    decode_blocks: torch.Tensor | None = field(default=None, repr=False)    # [Sd, max_blocks]
+    decode_blocks: torch.Tensor | None = field(default=None, repr=False)    # [Sd * max_blocks], row-major
     decode_mask: torch.Tensor | None = field(default=None, repr=False)      # [Sd, 1, 1, max_ctx]
     prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
 
@@ -54,7 +54,7 @@ class AttentionMetadata:
             for row, i in enumerate(decode_seqs):
                 bt = self.block_tables[i][:max_blocks]
                 table[row, : len(bt)] = bt
-            self.decode_blocks = table
+            self.decode_blocks = table.flatten()
             self.decode_rows = torch.tensor([self.query_start[i] for i in decode_seqs], dtype=torch.long)
             lens = torch.tensor(ctxs)
             width = max_blocks * self.block_size
@@ -80,19 +80,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if ctx == end - start and mask is None:  # whole context is new: attend to the fresh k/v
             keys, values = k[start:end], v[start:end]
         else:
-            keys = k_cache[blocks].flatten(0, 1)[:ctx]
-            values = v_cache[blocks].flatten(0, 1)[:ctx]
+            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+            values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
             values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
             scale=scale, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
     if meta.decode_rows is not None:
+        # One query per sequence: the query heads sharing a KV head become that head's "positions",
+        # so GQA needs no repeated K/V. index_select gathers blocks far faster than fancy indexing.
         rows = meta.decode_rows
-        keys = k_cache[meta.decode_blocks].flatten(1, 2)      # [Sd, W, Hkv, D]
-        values = v_cache[meta.decode_blocks].flatten(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)  # [Sd, Hq, 1, D]
-        out[rows] = o.squeeze(2)
+        sd, hkv, d = len(rows), k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache.index_select(0, meta.decode_blocks).view(sd, -1, hkv, d).transpose(1, 2)
+        values = v_cache.index_select(0, meta.decode_blocks).view(sd, -1, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[rows].view(sd, hkv, -1, d), keys, values,
+                                           attn_mask=meta.decode_mask, scale=scale)  # [Sd, Hkv, G, D]
+        out[rows] = o.reshape(sd, -1, d)
     return out
