@@ -3,7 +3,7 @@
 Every step has a token budget (max_num_batched_tokens) and a cap on running sequences
 (max_num_seqs). Running sequences go first (a decode costs one token, an unfinished prefill takes
 what the budget leaves: chunked prefill); then waiting ones are admitted in arrival order while
-budget, sequence slots and KV blocks last. When a running sequence needs a block and none is free,
+budget, sequence slots and KV blocks for their whole remaining prompt last. When a running sequence needs a block and none is free,
 the newest running sequence is preempted: its blocks are freed and it is recomputed later from its
 tokens, so its output does not change.
 """
@@ -74,7 +74,10 @@ class Scheduler:
                     continue
                 if not seq.block_table:
                     self.kv.reuse_prefix(seq)
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                remaining = seq.num_tokens - seq.num_computed_tokens
+                if self.kv.blocks_needed(seq, remaining) > self.kv.num_free_blocks:
+                    break       # admit only what can finish its prefill: long prompts don't thrash
+                n = min(remaining, budget)
                 if not self.kv.allocate(seq, n):
                     break
                 self.waiting.popleft()
