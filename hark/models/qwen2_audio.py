@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from hark.inputs import AudioItem
+from hark.models.audio_lm import AudioLanguageModel
 from hark.models.llama import Qwen2ForCausalLM
 from hark.models.whisper_encoder import WhisperAudioEncoder
 
 
-class Qwen2AudioForConditionalGeneration(nn.Module):
-    is_encoder_decoder = False
-
+class Qwen2AudioForConditionalGeneration(AudioLanguageModel):
     def __init__(self, config, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
@@ -28,9 +27,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         self.audio_tower = WhisperAudioEncoder(config.audio_config, avg_pool=True)
         self.multi_modal_projector = nn.Linear(config.audio_config.d_model, text_config.hidden_size)
         self.language_model = Qwen2ForCausalLM(text_config, dtype)
-        lm = self.language_model
-        self.num_kv_layers, self.num_kv_heads, self.head_dim = lm.num_kv_layers, lm.num_kv_heads, lm.head_dim
-        self.max_positions = text_config.max_position_embeddings
+        self._bind_language_model(text_config)
 
     # --- audio --------------------------------------------------------------------------------
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
@@ -38,19 +35,6 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         hidden = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
         embeds = self.multi_modal_projector(torch.cat(hidden)).split([h.shape[0] for h in hidden])
         return [e.clone() for e in embeds]      # cached apart from the batch
-
-    # --- LM -----------------------------------------------------------------------------------
-    def kv_attention_modules(self) -> list[nn.Module]:
-        return self.language_model.kv_attention_modules()
-
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.get_input_embeddings(input_ids)
-
-    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, meta, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
 
     # --- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hark.inputs import AudioItem
+from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import RMSNorm
 from hark.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from hark.models.whisper_encoder import WhisperAudioEncoder
@@ -106,9 +107,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * x
 
 
-class UltravoxModel(nn.Module):
-    is_encoder_decoder = False
-
+class UltravoxModel(AudioLanguageModel):
     def __init__(self, config: UltravoxConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
@@ -116,9 +115,7 @@ class UltravoxModel(nn.Module):
         self.audio_tower = WhisperAudioEncoder(config.audio_config)
         self.multi_modal_projector = UltravoxProjector(config)
         self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config, dtype)
-        lm = self.language_model
-        self.num_kv_layers, self.num_kv_heads, self.head_dim = lm.num_kv_layers, lm.num_kv_heads, lm.head_dim
-        self.max_positions = config.text_config.max_position_embeddings
+        self._bind_language_model(config.text_config)
 
     # --- audio --------------------------------------------------------------------------------
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
@@ -132,19 +129,6 @@ class UltravoxModel(nn.Module):
         """[T, D] -> [ceil(T / stack_factor), D * stack_factor], the last stack padded with zeros."""
         padded = math.ceil(frames.shape[0] / self.stack_factor) * self.stack_factor
         return F.pad(frames, (0, 0, 0, padded - frames.shape[0])).reshape(padded // self.stack_factor, -1)
-
-    # --- LM -----------------------------------------------------------------------------------
-    def kv_attention_modules(self) -> list[nn.Module]:
-        return self.language_model.kv_attention_modules()
-
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.get_input_embeddings(input_ids)
-
-    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, meta, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
 
     # --- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,0 +1,29 @@
+"""What Qwen2-Audio and Ultravox share: an audio encoder whose embeddings feed a decoder LM.
+
+Subclasses build `audio_tower`, a projector and `language_model` (a hark Llama / Qwen2), then call
+`_bind_language_model()`; the engine's LM calls are delegated here.
+"""
+import torch
+from torch import nn
+
+
+class AudioLanguageModel(nn.Module):
+    is_encoder_decoder = False
+    language_model: nn.Module
+
+    def _bind_language_model(self, text_config) -> None:
+        lm = self.language_model
+        self.num_kv_layers, self.num_kv_heads, self.head_dim = lm.num_kv_layers, lm.num_kv_heads, lm.head_dim
+        self.max_positions = text_config.max_position_embeddings
+
+    def kv_attention_modules(self) -> list[nn.Module]:
+        return self.language_model.kv_attention_modules()
+
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings(input_ids)
+
+    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, meta, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
