@@ -2,8 +2,8 @@
 
 One background thread owns the LLMEngine: it applies the requests added and aborted from the event
 loop, runs `engine.step()` while there is work, and hands each output to its request's asyncio
-queue. Blocking jobs that drive the engine themselves (a transcription) run in that thread too,
-through `run_job`: the engine they see steps everyone's requests, so chats keep moving meanwhile.
+queue. Short jobs that use the model outside the engine's steps (a transcription's dense probe or word
+alignment) run in that thread too, between steps, through `run_job`, so they never race a forward pass.
 If the engine fails, the thread stops, `dead` is set and every waiting request gets EngineDeadError.
 """
 import asyncio
@@ -29,10 +29,6 @@ def _dead_error() -> EngineDeadError:
     return EngineDeadError("the engine stopped after an internal error; restart the server")
 
 
-class RequestCancelled(Exception):
-    """Raised inside a job's engine when the job was cancelled (its client went away)."""
-
-
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -56,26 +52,12 @@ class _Job:
         self.loop.call_soon_threadsafe(done)
 
 
-class _JobEngine:
-    """The engine as a job sees it: step() serves every request and raises once the job is cancelled."""
-
-    def __init__(self, owner: "AsyncLLMEngine", job: _Job):
-        self._owner, self._job = owner, job
-
-    def step(self) -> list[RequestOutput]:
-        if self._job.cancelled:
-            raise RequestCancelled()
-        return self._owner._step()
-
-    def __getattr__(self, name):
-        return getattr(self._owner.engine, name)
-
-
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.dead: BaseException | None = None
         self.stats: dict = engine.stats()        # refreshed by the loop after every step
+        self.num_steps = 0                       # engine steps run (each decodes one token per running sequence)
         self._streams: dict[str, _Stream] = {}
         self._adds: list[tuple[str, object, SamplingParams, ProcessedPrompt]] = []
         self._aborts: list[str] = []
@@ -132,8 +114,9 @@ class AsyncLLMEngine:
             self._wake.notify()
 
     async def run_job(self, fn: Callable):
-        """Runs fn(engine) in the engine thread, between steps; cancelling the awaiting task makes the
-        job's next engine.step() raise RequestCancelled (its requests are then aborted by the job)."""
+        """Runs fn(engine) in the engine thread, between steps, and returns what it returns. fn must be
+        short (it holds up every request) and must not step the engine. A job whose awaiting task is
+        cancelled before it starts is skipped."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         job = _Job(fn, loop.create_future(), loop)
@@ -184,21 +167,16 @@ class AsyncLLMEngine:
 
     def _run_job(self, job: _Job) -> None:
         try:
-            if job.cancelled:
-                raise RequestCancelled()
-            job.resolve(job.fn(_JobEngine(self, job)))
+            if not job.cancelled:
+                job.resolve(job.fn(self.engine))
         except Exception as e:
-            if self.dead is not None:
-                job.resolve(error=_dead_error())
-                raise
             job.resolve(error=e)
         finally:
             with self._wake:
                 self._jobs.remove(job)
 
-    def _step(self) -> list[RequestOutput]:
-        """Applies pending adds and aborts, runs one engine step, delivers outputs to their streams;
-        returns every output (a job picks out its own)."""
+    def _step(self) -> None:
+        """Applies pending adds and aborts, runs one engine step, delivers outputs to their streams."""
         with self._wake:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
@@ -213,6 +191,8 @@ class AsyncLLMEngine:
                 stream = self._streams.get(request_id)
                 if stream is not None:
                     stream.put(e)
+        if self.engine.has_unfinished_requests():
+            self.num_steps += 1
         try:
             outputs = self.engine.step()
         except BaseException as e:
@@ -223,4 +203,3 @@ class AsyncLLMEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
-        return outputs

@@ -1,11 +1,15 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations (OpenAI's multipart form and response shapes).
 
-The upload is decoded off the event loop under the transcription caps; the transcription itself runs
-as a job in the engine thread (hark.transcribe drives the engine, whose steps keep serving every other
-request meanwhile). Audio of any length is cut into windows by hark.transcribe.
+The upload is decoded and cut into windows off the event loop, under the transcription caps
+(hark.transcribe.TranscriptionRun). Each window's decode is an engine request like any other, so the
+windows of every upload share the engine's batches with each other and with all other requests. What
+the run does between decodes (dense probes, word alignment, choosing retries and tails) runs as short
+jobs in the engine thread. With stream=true each window's text is sent as soon as it and every window
+before it are final. A client that goes away aborts the decodes still running.
 """
 import asyncio
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
@@ -13,11 +17,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from hark.audio import TRANSCRIPTION_LIMITS, load_audio
+from hark.engine.async_engine import AsyncLLMEngine
 from hark.server.completions import sse, unless_disconnected
-from hark.server.errors import APIError
-from hark.server.state import ServedModel
-from hark.transcribe import FORMATS, Transcription, format_transcription, transcribe as run_transcription
+from hark.server.errors import APIError, error_body, to_api_error
+from hark.server.state import Admission, ServedModel
+from hark.transcribe import FORMATS, Transcription, TranscriptionOptions, format_transcription
 from hark.transcribe.formats import verbose_json
+from hark.transcribe.pipeline import TranscriptionRun, WindowRequest
 
 SAMPLE_RATE = 16000
 GRANULARITIES = ("segment", "word")
@@ -81,13 +87,6 @@ async def read_form(request: Request) -> TranscriptionForm:
                                  stream=stream == "true")
 
 
-class _LLMView:
-    """What hark.transcribe needs of an LLM: its engine."""
-
-    def __init__(self, engine):
-        self.llm_engine = engine
-
-
 def usage(t: Transcription) -> dict:
     return {"type": "duration", "seconds": math.ceil(t.duration)}
 
@@ -98,20 +97,17 @@ async def transcribe(served: ServedModel, form: TranscriptionForm, task: str, re
     # OpenAI: temperature 0 (the default) lets the decoder raise it on failure; another value is used as is.
     temperature = {"temperature": form.temperature} if form.temperature else {}
     words = "word" in form.granularities
+    opts = TranscriptionOptions(language=form.language, task=task, word_timestamps=words,
+                                initial_prompt=form.prompt, **temperature)
 
-    with served.admit():
-        samples = await asyncio.to_thread(load_audio, form.audio, SAMPLE_RATE, limits=limits)
+    with served.admit() as ticket:
+        run = await asyncio.to_thread(TranscriptionRun, served.engine.engine, [form.audio], opts, limits)
         form.audio = b""
+        if form.stream:
+            ticket.keep()
+            return StreamingResponse(_events(served, ticket, run), media_type="text/event-stream")
+        result = await unless_disconnected(request, _transcribe(served, run))
 
-        def job(engine) -> Transcription:
-            return run_transcription(_LLMView(engine), samples, language=form.language, task=task,
-                                     word_timestamps=words, initial_prompt=form.prompt, **temperature)
-
-        result = await unless_disconnected(request, served.engine.run_job(job))
-    served.metrics.audio_seconds.labels(served.name).inc(result.duration)
-
-    if form.stream:
-        return StreamingResponse(_events(result), media_type="text/event-stream")
     if form.response_format == "json":
         return JSONResponse({"text": result.text, "usage": usage(result)})
     if form.response_format == "verbose_json":
@@ -123,11 +119,63 @@ async def transcribe(served: ServedModel, form: TranscriptionForm, task: str, re
                              media_type=TEXT_TYPES[form.response_format])
 
 
-async def _events(result: Transcription):
-    """OpenAI's transcript events: a delta per segment (sent once the whole file is transcribed:
-    hark.transcribe decodes all windows in one batch), then the whole text with usage."""
-    for i, segment in enumerate(result.segments):
-        text = segment.text.lstrip() if i == 0 else segment.text
-        yield sse({"type": "transcript.text.delta", "delta": text, "logprobs": None})
-    yield sse({"type": "transcript.text.done", "text": result.text, "logprobs": None, "usage": usage(result)})
+async def _decode_windows(engine: AsyncLLMEngine, run: TranscriptionRun) -> AsyncIterator[str]:
+    """Runs the run's window decodes on the engine until none is left; yields the text as it becomes
+    final, in time order. Leaving early (client gone, task cancelled) aborts the decodes still running."""
+    decodes: dict[asyncio.Task, WindowRequest] = {}
+
+    def submit(requests: list[WindowRequest]) -> None:
+        for d in requests:
+            outputs = engine.generate(None, d.params, processed=d.processed)
+            decodes[asyncio.ensure_future(_final_output(outputs))] = d
+
+    try:
+        submit(await engine.run_job(lambda _: run.start()))
+        while decodes:
+            finished, _ = await asyncio.wait(decodes, return_when=asyncio.FIRST_COMPLETED)
+            done = [(decodes.pop(task), task.result().outputs[0]) for task in finished]
+            follow_ups, text = await engine.run_job(lambda _: (run.finish(done), run.take_text()))
+            submit(follow_ups)
+            if text:
+                yield text
+    finally:
+        for task in decodes:
+            task.cancel()       # each aborts its engine request
+        await asyncio.gather(*decodes, return_exceptions=True)
+
+
+async def _final_output(outputs):
+    out = None
+    async for out in outputs:
+        pass
+    return out
+
+
+async def _result(served: ServedModel, run: TranscriptionRun) -> Transcription:
+    result = (await served.engine.run_job(lambda _: run.results()))[0]
+    served.metrics.audio_seconds.labels(served.name).inc(result.duration)
+    return result
+
+
+async def _transcribe(served: ServedModel, run: TranscriptionRun) -> Transcription:
+    async for _ in _decode_windows(served.engine, run):
+        pass
+    return await _result(served, run)
+
+
+async def _events(served: ServedModel, ticket: Admission, run: TranscriptionRun) -> AsyncIterator[str]:
+    """OpenAI's transcript events: a delta per piece of final text, then the whole text with usage. An error
+    mid-stream becomes an error event."""
+    texts = _decode_windows(served.engine, run)
+    try:
+        async for text in texts:
+            yield sse({"type": "transcript.text.delta", "delta": text, "logprobs": None})
+        result = await _result(served, run)
+        yield sse({"type": "transcript.text.done", "text": result.text, "logprobs": None, "usage": usage(result)})
+    except Exception as e:  # the headers are gone: report in-band
+        err = to_api_error(e)
+        yield sse(error_body(err.status, err.message, err.param, err.code))
+    finally:
+        await texts.aclose()
+        ticket.release()
     yield sse("[DONE]")

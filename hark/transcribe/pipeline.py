@@ -3,12 +3,15 @@
 1. Load each input and cut it into windows of at most 30 s, at quiet points or around speech.
 2. Run the decoder once over <|startoftranscript|> for every window when the model is multilingual
    (language) or the decode prompt does not end there (no-speech probability).
-3. Decode every window of every input in one engine batch, with Whisper's timestamp rules as a
-   logits processor; re-decode only the windows that fail the quality gates, again all together,
-   at the next temperature.
-4. Cut each window's tokens into segments and shift them by the window's real offset in its input.
+3. Decode every window as an engine request, with Whisper's timestamp rules as a logits processor. A
+   decode that fails the quality gates goes back at the next temperature; one that stopped early leaves
+   the rest of its window as a new, shorter window (a tail), decoded at once.
+4. Cut each final window's tokens into segments and shift them by the window's real offset in its input.
 5. Optionally time words from the alignment heads' cross-attention (batched dense decoder runs).
 
+TranscriptionRun holds steps 2 to 5 and submits nothing itself: it hands out window decodes and takes
+back the finished ones. `transcribe` below drives it by stepping the engine itself; hark serve sends the
+same decodes to its running engine, where they share batches with every other request.
 Encoder outputs come from the engine's encoder cache, so steps 2 and 5 re-run only the decoder.
 """
 import math
@@ -20,6 +23,7 @@ import torch
 
 from hark.audio import AudioLimits, load_audio, split_audio, split_on_speech
 from hark.inputs import ProcessedPrompt
+from hark.outputs import CompletionOutput
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
 from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
@@ -42,18 +46,34 @@ OFFLINE_LIMITS = AudioLimits(max_duration_s=math.inf, max_decoded_bytes=16 * 2**
 ProgressCallback = Callable[[float, float], None]   # (seconds of audio done, seconds in all)
 
 
-@dataclass
+@dataclass(eq=False)
 class Window:
     source: int                 # which input it belongs to
     offset: float               # start within that input, seconds
     duration: float
     samples: np.ndarray
     initial_silence: float = 0.0          # tails: seconds of silence the decode saw at their start
+    index: int = 0                        # order of creation within the run (seeds its sampled decodes)
     processed: ProcessedPrompt | None = None
     no_speech_prob: float = math.nan      # from the dense probe, when one ran
     decode: WindowDecode | None = None
+    final: bool = False                   # decoded for good: segments (and tail) are set
     tail: "Window | None" = None          # the audio after the last finished segment, when the decode stopped early
     segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class WindowRequest:
+    """One decode of one window: submit `processed` with `params` to the engine, hand the finished
+    completion back to TranscriptionRun.finish."""
+    window: Window
+    attempt: int                        # index into the temperature schedule
+    params: SamplingParams
+    probe: NoSpeechProbe | None         # reads P(no speech) off the decode's first step, when it can
+
+    @property
+    def processed(self) -> ProcessedPrompt:
+        return self.window.processed
 
 
 def transcribe(
@@ -78,66 +98,178 @@ def transcribe(
     """
     opts = TranscriptionOptions(language=language, task=task, timestamps=timestamps, word_timestamps=word_timestamps,
                                 temperature=temperature, initial_prompt=initial_prompt, **options)
-    engine = llm.llm_engine
-    if not getattr(engine.model, "is_encoder_decoder", False):
-        raise InvalidTranscriptionRequest("transcription needs a Whisper model; this LLM serves a different kind")
-    vocab = WhisperVocab.from_checkpoint(engine.tokenizer, engine.loaded.generation_config)
-    language_code = vocab.language_code(opts.language)
-    if opts.task == "translate" and not vocab.is_multilingual:
-        raise InvalidTranscriptionRequest("this model is English-only and cannot translate; use a multilingual Whisper model")
-
     many = isinstance(audio, list)
-    inputs = [load_audio(a, SAMPLE_RATE, limits=limits or OFFLINE_LIMITS) for a in (audio if many else [audio])]
-    windows = [w for i, samples in enumerate(inputs) for w in _split(i, samples, opts.split)]
-    tracker = _Progress(progress, sum(len(s) for s in inputs) / SAMPLE_RATE)
+    engine = llm.llm_engine
+    run = TranscriptionRun(engine, audio if many else [audio], opts, limits=limits or OFFLINE_LIMITS, progress=progress)
+    decodes: dict[str, WindowRequest] = {}     # by engine request id
 
-    prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt)
-    ends_at_sot = not vocab.is_multilingual and opts.timestamps   # the decode's first step then sees P(no speech)
-    languages = [language_code or "en"] * len(inputs)
-    pending = windows
-    while pending:   # the windows, then the tails that decodes left unfinished, then theirs
-        for w in pending:
-            w.processed = engine.process_prompt(_engine_prompt(w, [vocab.sot]))
-        if not ends_at_sot:
-            detected = _probe_start_of_transcript(engine, vocab, pending)
-            if vocab.is_multilingual and language_code is None and pending is windows:
-                first = {}
-                for w, lang in zip(windows, detected):
-                    first.setdefault(w.source, lang)
-                languages = [first.get(i, "en") for i in range(len(inputs))]
-        for w in pending:
-            tokens = prompt_prefix + vocab.sot_sequence(languages[w.source], opts.task)
-            if not opts.timestamps:
-                tokens.append(vocab.no_timestamps)
-            w.processed = replace(w.processed, prompt_token_ids=tokens)
-        _decode_with_fallback(engine, vocab, opts, pending, ends_at_sot, tracker)
-        pending = [w.tail for w in pending if w.tail is not None]
-        windows = windows + pending
-    windows.sort(key=lambda w: (w.source, w.offset))
+    def submit(requests: list[WindowRequest]) -> None:
+        for d in requests:
+            decodes[engine.add_request(None, d.params, processed=d.processed)] = d
 
-    for w in windows:
-        if is_silence(w.decode, opts):
-            continue
-        d = w.decode
-        for timed in split_segments(d.tokens, vocab, w.duration):
-            w.segments.append(Segment(
-                id=0, seek=round(w.offset * 100), start=round(w.offset + timed.start, 3),
-                end=round(w.offset + timed.end, 3), text=vocab.decode(timed.tokens), tokens=timed.tokens,
-                temperature=d.temperature, avg_logprob=d.avg_logprob, compression_ratio=d.compression_ratio,
-                no_speech_prob=d.no_speech_prob))
-    if opts.word_timestamps:
-        _add_word_timestamps(engine, vocab, windows, languages, opts.task)
-
-    results = []
-    for i, samples in enumerate(inputs):
-        segments = [s for w in windows if w.source == i for s in w.segments]
-        for n, s in enumerate(segments):
-            s.id = n
-        results.append(Transcription(
-            text="".join(s.text for s in segments).strip(), language=languages[i],
-            duration=len(samples) / SAMPLE_RATE, task=opts.task, segments=segments,
-            words=[word for s in segments for word in s.words] if opts.word_timestamps else None))
+    try:
+        submit(run.start())
+        while decodes:
+            done = [(decodes.pop(out.request_id), out.outputs[0]) for out in engine.step()
+                    if out.finished and out.request_id in decodes]
+            if done:
+                submit(run.finish(done))
+    except BaseException:
+        for request_id in decodes:
+            engine.abort_request(request_id)
+        raise
+    results = run.results()
     return results if many else results[0]
+
+
+class TranscriptionRun:
+    """The windows of some inputs and their decodes, as a state machine a driver moves: start() gives
+    the first decodes; the driver runs them on the engine and hands each finished one to finish(), which
+    gives the decodes that follow (retries, tails) until none is left; then results().
+
+    The methods run model code (the dense probe, word alignment) and the constructor only prepares audio
+    (decoding, splitting, mel features), so a driver calls start, finish and results where the engine's
+    forward passes run (hark serve: as jobs in its engine thread) and may build the run anywhere.
+    """
+
+    def __init__(self, engine, audio: list, opts: TranscriptionOptions, limits: AudioLimits = OFFLINE_LIMITS,
+                 progress: ProgressCallback | None = None):
+        if not getattr(engine.model, "is_encoder_decoder", False):
+            raise InvalidTranscriptionRequest("transcription needs a Whisper model; this LLM serves a different kind")
+        self.engine, self.opts = engine, opts
+        self.vocab = vocab = WhisperVocab.from_checkpoint(engine.tokenizer, engine.loaded.generation_config)
+        self.language_code = vocab.language_code(opts.language)
+        if opts.task == "translate" and not vocab.is_multilingual:
+            raise InvalidTranscriptionRequest(
+                "this model is English-only and cannot translate; use a multilingual Whisper model")
+
+        self.inputs = [load_audio(a, SAMPLE_RATE, limits=limits) for a in audio]
+        self.tracker = _Progress(progress, sum(len(s) for s in self.inputs) / SAMPLE_RATE)
+        self.windows: list[Window] = []     # every window, tails included, in order of creation
+        self.timelines: list[list[Window]] = []     # per input, its windows in time order
+        for i, samples in enumerate(self.inputs):
+            self.timelines.append([self._add_window(w) for w in _split(i, samples, opts.split)])
+        self.languages = [self.language_code or "en"] * len(self.inputs)
+        self.prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt)
+        # When the decode prompt ends with <|startoftranscript|>, the decode's first step sees P(no speech).
+        self.ends_at_sot = not vocab.is_multilingual and opts.timestamps
+        timestamps = [] if opts.timestamps else list(range(vocab.timestamp_begin, engine.vocab_size))
+        suppressed = vocab.suppress_tokens + timestamps
+        self.suppress = SuppressTokens(suppressed, vocab.begin_suppress_tokens)
+        self.text_taken = [0] * len(self.inputs)      # per input, how many windows take_text gave out
+        self.text_started = [False] * len(self.inputs)
+
+    def start(self) -> list[WindowRequest]:
+        """The first decode of every window, after the dense probe (language, P(no speech)) when one is due."""
+        detected = self._probe(self.windows)
+        if self.vocab.is_multilingual and self.language_code is None:
+            first = {}
+            for w, lang in zip(self.windows, detected):
+                first.setdefault(w.source, lang)
+            self.languages = [first.get(i, "en") for i in range(len(self.inputs))]
+        return self._first_decodes(self.windows)
+
+    def finish(self, done: list[tuple[WindowRequest, CompletionOutput]]) -> list[WindowRequest]:
+        """Takes finished decodes; returns the decodes they lead to: a window that failed the quality
+        gates again at the next temperature, and the tail of a window whose decode stopped early."""
+        opts, retries, tails = self.opts, [], []
+        for request, completion in done:
+            w = request.window
+            # The engine's log-probabilities are of the processed logits without the temperature:
+            # openai-whisper's sum_logprob.
+            w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
+                                      completion.cumulative_logprob,
+                                      request.probe.prob if request.probe else w.no_speech_prob)
+            if request.attempt + 1 < len(opts.temperature) and needs_fallback(w.decode, opts):
+                retries.append(self._decode(w, request.attempt + 1))
+                continue
+            w.tail = _split_off_tail(w, self.vocab, opts)
+            if w.tail is not None:
+                timeline = self.timelines[w.source]
+                timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
+                tails.append(w.tail)
+            w.segments = self._segments(w)
+            w.final = True
+            self.tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
+        self._probe(tails)
+        return retries + self._first_decodes(tails)
+
+    @property
+    def finished(self) -> bool:
+        return all(w.final for w in self.windows)
+
+    def take_text(self, source: int = 0) -> str:
+        """Input `source`'s text that became final since the last call. A window's text is final once it
+        and every window before it in time are, so the pieces, joined, are the transcription's text."""
+        timeline, pieces = self.timelines[source], []
+        while self.text_taken[source] < len(timeline) and timeline[self.text_taken[source]].final:
+            pieces += [s.text for s in timeline[self.text_taken[source]].segments]
+            self.text_taken[source] += 1
+        text = "".join(pieces)
+        if not self.text_started[source]:
+            text = text.lstrip()
+            self.text_started[source] = bool(text)
+        return text
+
+    def results(self) -> list[Transcription]:
+        """One Transcription per input, once every window is final; word timings (dense decoder runs)
+        are added here when asked for."""
+        assert self.finished, "results() before every window's decode finished"
+        opts = self.opts
+        if opts.word_timestamps:
+            windows = [w for timeline in self.timelines for w in timeline]
+            _add_word_timestamps(self.engine, self.vocab, windows, self.languages, opts.task)
+        results = []
+        for i, samples in enumerate(self.inputs):
+            segments = [s for w in self.timelines[i] for s in w.segments]
+            for n, s in enumerate(segments):
+                s.id = n
+            results.append(Transcription(
+                text="".join(s.text for s in segments).strip(), language=self.languages[i],
+                duration=len(samples) / SAMPLE_RATE, task=opts.task, segments=segments,
+                words=[word for s in segments for word in s.words] if opts.word_timestamps else None))
+        return results
+
+    def _add_window(self, w: Window) -> Window:
+        w.index = len(self.windows)
+        w.processed = self.engine.process_prompt(_engine_prompt(w, [self.vocab.sot]))
+        self.windows.append(w)
+        return w
+
+    def _probe(self, windows: list[Window]) -> list[str | None]:
+        """The dense probe, unless each decode reads P(no speech) off its own first step."""
+        return [] if self.ends_at_sot or not windows else _probe_start_of_transcript(self.engine, self.vocab, windows)
+
+    def _first_decodes(self, windows: list[Window]) -> list[WindowRequest]:
+        for w in windows:
+            tokens = self.prompt_prefix + self.vocab.sot_sequence(self.languages[w.source], self.opts.task)
+            if not self.opts.timestamps:
+                tokens.append(self.vocab.no_timestamps)
+            w.processed = replace(w.processed, prompt_token_ids=tokens)
+        return [self._decode(w, 0) for w in windows]
+
+    def _decode(self, w: Window, attempt: int) -> WindowRequest:
+        opts, vocab = self.opts, self.vocab
+        probe = NoSpeechProbe(vocab.no_speech) if self.ends_at_sot else None
+        processors = ([probe] if probe else []) + [self.suppress]
+        if opts.timestamps:
+            processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence))
+        max_context = self.engine.loaded.hf_config.max_target_positions
+        prompt_len = len(w.processed.prompt_token_ids)
+        params = SamplingParams(
+            temperature=opts.temperature[attempt], max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
+            seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors)
+        return WindowRequest(w, attempt, params, probe)
+
+    def _segments(self, w: Window) -> list[Segment]:
+        d = w.decode
+        if is_silence(d, self.opts):
+            return []
+        return [Segment(id=0, seek=round(w.offset * 100), start=round(w.offset + timed.start, 3),
+                        end=round(w.offset + timed.end, 3), text=self.vocab.decode(timed.tokens), tokens=timed.tokens,
+                        temperature=d.temperature, avg_logprob=d.avg_logprob, compression_ratio=d.compression_ratio,
+                        no_speech_prob=d.no_speech_prob)
+                for timed in split_segments(d.tokens, self.vocab, w.duration)]
 
 
 def _split(source: int, samples: np.ndarray, how: str) -> list[Window]:
@@ -190,55 +322,6 @@ def _probe_start_of_transcript(engine, vocab: WhisperVocab, windows: list[Window
             else:
                 detected.append(None)
     return detected
-
-
-def _decode_with_fallback(engine, vocab, opts: TranscriptionOptions, windows: list[Window], ends_at_sot: bool,
-                          tracker: "_Progress") -> None:
-    """Decodes all windows at the first temperature, then the failing ones at the next, and so on."""
-    suppressed = vocab.suppress_tokens + ([] if opts.timestamps else list(range(vocab.timestamp_begin, engine.vocab_size)))
-    suppress = SuppressTokens(suppressed, vocab.begin_suppress_tokens)
-    max_context = engine.loaded.hf_config.max_target_positions
-    pending = windows
-    for attempt, temperature in enumerate(opts.temperature):
-        last = attempt == len(opts.temperature) - 1
-        requests = {}
-        for n, w in enumerate(pending):
-            probe = NoSpeechProbe(vocab.no_speech)
-            processors = ([probe] if ends_at_sot else []) + [suppress]
-            if opts.timestamps:
-                processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence))
-            prompt_len = len(w.processed.prompt_token_ids)
-            params = SamplingParams(
-                temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
-                seed=None if opts.seed is None else opts.seed + n, logits_processors=processors)
-            rid = engine.add_request(None, params, processed=w.processed)
-            requests[rid] = (w, probe)
-        failed = []
-        try:
-            with torch.inference_mode():   # the processors edit the engine's logits rows in place
-                while requests:
-                    for out in engine.step():
-                        if not out.finished or out.request_id not in requests:
-                            continue
-                        w, probe = requests.pop(out.request_id)
-                        # The engine's log-probabilities are of the processed logits without the
-                        # temperature: openai-whisper's sum_logprob.
-                        completion = out.outputs[0]
-                        w.decode = _window_decode(vocab, completion.token_ids, temperature,
-                                                  completion.cumulative_logprob,
-                                                  probe.prob if ends_at_sot else w.no_speech_prob)
-                        if not last and needs_fallback(w.decode, opts):
-                            failed.append(w)
-                        else:
-                            w.tail = _split_off_tail(w, vocab, opts)
-                            tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
-        except BaseException:
-            for rid in requests:
-                engine.abort_request(rid)
-            raise
-        pending = failed
-        if not pending:
-            return
 
 
 def _split_off_tail(w: Window, vocab: WhisperVocab, opts: TranscriptionOptions) -> Window | None:
