@@ -1,9 +1,14 @@
 """hark serve end to end with the openai client on audio: transcription and translation with Whisper tiny.en
-(every response format, word timestamps, streaming, long audio) and audio chat with a tiny random Qwen2-Audio."""
+(every response format, word timestamps, streaming, long audio, concurrent uploads sharing engine steps,
+disconnects) and audio chat with a tiny random Qwen2-Audio."""
+import asyncio
 import base64
 import glob
 import io
+import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jiwer
@@ -19,6 +24,7 @@ from hark.sampling import SamplingParams
 from hark.server.app import BackgroundServer, build_app
 from hark.server.metrics import Metrics
 from hark.server.state import ServedModel
+from test_transcribe_pipeline import speech_after_a_pause
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 WAVS = sorted(glob.glob(os.path.join(DATA, "*.wav")))
@@ -37,14 +43,30 @@ def words_of(text: str) -> list[str]:
 def whisper_server():
     llm = LLM(max_num_seqs=16)
     metrics = Metrics()
-    app = build_app([ServedModel("whisper-1", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
+    engine = AsyncLLMEngine(llm.llm_engine)
+    app = build_app([ServedModel("whisper-1", engine, metrics)], metrics)
     with BackgroundServer(app) as url:
-        yield url
+        yield url, engine
 
 
 @pytest.fixture
 def client(whisper_server):
-    return openai.OpenAI(base_url=whisper_server + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=whisper_server[0] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def paused_speech() -> bytes:
+    """A wav whose first window decodes in a few steps and whose two later windows take about 100 each."""
+    buf = io.BytesIO()
+    sf.write(buf, speech_after_a_pause([(sf.read(w, dtype="float32")[0], None) for w in WAVS]), 16000, format="WAV")
+    return buf.getvalue()
+
+
+def wait_until_idle(engine: AsyncLLMEngine, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.num_in_flight or engine.engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine still has requests"
+        time.sleep(0.02)
 
 
 def test_transcription_formats(client):
@@ -86,6 +108,67 @@ def test_transcription_stream_and_long_audio(client):
     assert done.text == LLM().transcribe(long_audio).text      # the server changes nothing
     reference = " ".join(" ".join(reference_words(w)) for w in WAVS * 2)
     assert jiwer.wer(reference, " ".join(words_of(done.text.replace("Mr.", "mister")))) < 0.3
+
+
+def test_concurrent_uploads_decode_in_the_same_steps(whisper_server):
+    url, engine = whisper_server
+
+    def upload(wav: str) -> dict:
+        with open(wav, "rb") as f:
+            r = httpx.post(url + "/v1/audio/transcriptions", files={"file": ("a.wav", f.read())},
+                           data={"model": "whisper-1", "response_format": "verbose_json"}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    wait_until_idle(engine)
+    steps = engine.num_steps
+    with ThreadPoolExecutor(2) as pool:
+        bodies = list(pool.map(upload, [WAVS[0], WAVS[3]]))
+    steps = engine.num_steps - steps
+    tokens = [sum(len(s["tokens"]) for s in body["segments"]) for body in bodies]
+    # A step decodes at most one token of each request, so one upload after the other would take at
+    # least sum(tokens) steps.
+    assert min(tokens) > 20 and steps < sum(tokens), (steps, tokens)
+
+
+def test_stream_sends_each_window_once_final(client, whisper_server, paused_speech):
+    _, engine = whisper_server
+    events, busy_at_first_delta = [], None
+    for event in client.audio.transcriptions.create(model="whisper-1", file=("a.wav", paused_speech), stream=True):
+        if not events:
+            busy_at_first_delta = engine.engine.has_unfinished_requests()
+        events.append(event)
+    assert busy_at_first_delta        # the later windows were still decoding
+    deltas, done = events[:-1], events[-1]
+    assert len(deltas) >= 2 and all(e.type == "transcript.text.delta" for e in deltas)
+    assert done.type == "transcript.text.done" and "".join(e.delta for e in deltas).strip() == done.text
+    assert deltas[0].delta.startswith("He was not") and done.usage.seconds == 79
+
+
+def test_disconnect_aborts_the_window_decodes(whisper_server, paused_speech):
+    url, engine = whisper_server
+    request = {"files": {"file": ("a.wav", paused_speech)}, "data": {"model": "whisper-1", "stream": "true"}}
+    # The whole file takes over 100 steps; its first delta comes after about 15.
+    wait_until_idle(engine)
+    with httpx.stream("POST", url + "/v1/audio/transcriptions", timeout=120, **request) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["type"] == "transcript.text.delta"
+        steps = engine.num_steps
+    wait_until_idle(engine)
+    assert engine.num_steps - steps < 40
+    assert engine.stats["kv_free_blocks"] == engine.stats["kv_total_blocks"]
+
+    async def leave_once_decoding():   # without streaming: the client goes while the windows decode
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            upload = asyncio.ensure_future(http.post("/v1/audio/transcriptions", **request | {"data": {}}))
+            while not engine.engine.has_unfinished_requests():
+                await asyncio.sleep(0.005)
+            upload.cancel()
+            return engine.num_steps
+    steps = asyncio.run(leave_once_decoding())
+    wait_until_idle(engine)
+    assert engine.num_steps - steps < 40
+    assert engine.stats["kv_free_blocks"] == engine.stats["kv_total_blocks"]
 
 
 def test_translation_needs_a_multilingual_model(client, whisper_server):

@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from hark.transcribe import InvalidTranscriptionRequest, format_transcription
+from hark.transcribe import InvalidTranscriptionRequest, TranscriptionOptions, format_transcription
+from hark.transcribe.pipeline import TranscriptionRun
 from test_transcribe_formats import parse_cues
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -94,6 +95,33 @@ def test_long_audio_timestamps_follow_the_clips(llm, clips):
     assert [(round(a, 2), round(b, 2)) for a, b, _ in srt] == [(round(s.start, 2), round(s.end, 2)) for s in segments]
     vtt = format_transcription(result, "vtt")
     assert len(parse_cues(vtt[len("WEBVTT\n\n"):], ".")) == len(segments)
+
+
+def speech_after_a_pause(clips) -> np.ndarray:
+    """78 s: a 3 s sentence and 26 s of silence (a first window that decodes in a few steps), then
+    every clip twice (two windows of about 100 tokens each)."""
+    return np.concatenate([clips[1][0], np.zeros(26 * 16000, np.float32)] + [samples for samples, _ in clips * 2])
+
+
+def test_run_gives_each_window_text_once_it_and_earlier_ones_are_final(llm, clips):
+    audio = speech_after_a_pause(clips)
+    engine = llm.llm_engine
+    run = TranscriptionRun(engine, [audio], TranscriptionOptions())
+    decodes = {engine.add_request(None, d.params, processed=d.processed): d for d in run.start()}
+    assert len(decodes) == 3
+    pieces = []       # (text, decodes still running when it became final)
+    while decodes:
+        done = [(decodes.pop(out.request_id), out.outputs[0]) for out in engine.step() if out.finished]
+        if done:
+            for d in run.finish(done):
+                decodes[engine.add_request(None, d.params, processed=d.processed)] = d
+            text = run.take_text()
+            if text:
+                pieces.append((text, len(decodes)))
+    assert pieces[0][1] == 2 and pieces[-1][1] == 0   # the first window's text came while the two others decoded
+    result = run.results()[0]
+    assert pieces[0][0] == pieces[0][0].lstrip() and "".join(text for text, _ in pieces).strip() == result.text
+    assert result.text == llm.transcribe(audio).text       # the offline driver steps the same run
 
 
 def test_user_errors_are_value_errors(llm, clips):
