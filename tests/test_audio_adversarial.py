@@ -28,7 +28,8 @@ from hark.audio import (
 INTERNALS = re.compile(r"0x[0-9a-f]{6,}|Errno|avcodec|avformat|ffmpeg|Traceback|<.*object", re.IGNORECASE)
 
 
-def rejects(error: type[AudioError], source, max_seconds: float = 1.0, **kwargs) -> str:
+def rejects(error: type[AudioError], source, max_seconds: float = 5.0, **kwargs) -> str:
+    # generous bounds: a shared CI core must not flake; memory bounds below are the strict check
     start = time.perf_counter()
     with pytest.raises(error) as info:
         load_audio(source, **kwargs)
@@ -106,7 +107,7 @@ def peak_traced_bytes(fn) -> int:
 def test_opus_bomb_stops_at_the_duration_cap(opus_hour):
     """1 h of 48 kHz opus in ~540 KB: decoding it all would take 660 MiB as float32."""
     def load():
-        message = rejects(AudioTooLongError, opus_hour, max_seconds=5.0)
+        message = rejects(AudioTooLongError, opus_hour, max_seconds=10.0)
         assert "600 s" in message and "max_duration_s" in message
 
     cap_output = 600 * 16000 * 4  # mono float32 at the target rate, what is kept while decoding
@@ -117,9 +118,9 @@ def test_opus_bomb_stops_at_the_duration_cap(opus_hour):
 def test_flac_bomb_stops_at_the_decoded_bytes_cap(flac_three_hours):
     """3 h of 8 kHz flac in < 200 KB, past the duration cap: the byte cap stops it."""
     limits = AudioLimits(max_duration_s=24 * 3600, max_decoded_bytes=8 * 2**20)
-    message = rejects(AudioTooLargeError, flac_three_hours, max_seconds=3.0, limits=limits)
+    message = rejects(AudioTooLargeError, flac_three_hours, max_seconds=6.0, limits=limits)
     assert "max_decoded_bytes" in message
-    peak = peak_traced_bytes(lambda: rejects(AudioTooLargeError, flac_three_hours, max_seconds=3.0, limits=limits))
+    peak = peak_traced_bytes(lambda: rejects(AudioTooLargeError, flac_three_hours, max_seconds=6.0, limits=limits))
     assert peak < 8 * 2**20 * 2 * 1.3  # 8 MiB at 8 kHz is 16 MiB once upsampled to 16 kHz
     assert "max_duration_s" in rejects(AudioTooLongError, flac_three_hours)
 
