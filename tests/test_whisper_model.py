@@ -78,24 +78,26 @@ def test_encoder_matches_transformers(checkpoint, features):
 
 
 def test_paged_decoder_matches_transformers(checkpoint, features):
-    """Two requests of different prompt lengths: chunked prefill, then mixed prefill/decode steps."""
+    """Three requests of different prompt lengths: chunked prefill, a request joining later, mixed
+    prefill/decode steps, decode steps over all of them, then over a subset (finished requests leave)."""
     hf, model, _ = checkpoint
     attach_cache(model)
     torch.manual_seed(2)
-    seqs = [torch.randint(0, 51864, (9,)).tolist(), torch.randint(0, 51864, (7,)).tolist()]
+    audio = [0, 1, 0]   # request i listens to features[audio[i]]
+    seqs = [torch.randint(0, 51864, (n,)).tolist() for n in (12, 7, 5)]
     with torch.inference_mode():
         encoder_states = [s for s in hf.model.encoder(features).last_hidden_state]
-        ref = [hf(input_features=features[i:i + 1], decoder_input_ids=torch.tensor([seq])).logits[0]
-               for i, seq in enumerate(seqs)]
-        tables = [torch.arange(0, 16), torch.arange(16, 32)]
-        cross_caches = [{}, {}]
-        # (tokens added to seq 0, to seq 1) per step: prefill chunks, then a step mixing prefill and decode.
-        schedule = [(3, 5), (4, 1), (1, 1), (1, 0)]
-        done = [0, 0]
+        ref = [hf(input_features=features[a:a + 1], decoder_input_ids=torch.tensor([seq])).logits[0]
+               for a, seq in zip(audio, seqs)]
+        tables = [torch.arange(0, 10), torch.arange(10, 20), torch.arange(20, 30)]
+        cross_caches = [{}, {}, {}]
+        # tokens added to each request per step
+        schedule = [(3, 5, 0), (4, 1, 2), (1, 1, 1), (1, 0, 1), (2, 0, 1), (1, 0, 0)]
+        done = [0, 0, 0]
         for added in schedule:
-            active = [i for i in range(2) if added[i]]
+            active = [i for i in range(3) if added[i]]
             positions, meta = step_meta([tables[i] for i in active], [done[i] for i in active],
-                                        [added[i] for i in active], [encoder_states[i] for i in active],
+                                        [added[i] for i in active], [encoder_states[audio[i]] for i in active],
                                         [cross_caches[i] for i in active])
             ids = torch.tensor([t for i in active for t in seqs[i][done[i]:done[i] + added[i]]])
             logits = model.compute_logits(model(ids, positions, meta))
@@ -103,8 +105,8 @@ def test_paged_decoder_matches_transformers(checkpoint, features):
                 lo, hi = meta.query_start[row], meta.query_start[row + 1]
                 torch.testing.assert_close(logits[lo:hi], ref[i][done[i]:done[i] + added[i]], atol=1e-4, rtol=1e-4)
                 done[i] += added[i]
-    assert done == [9, 7]
-    assert set(cross_caches[0]) == {0, 1}  # cross K/V cached per layer, computed on first use
+    assert done == [12, 7, 5]
+    assert len(cross_caches[0]["stack"].layers) == 2  # cross K/V cached per layer, computed on first use
 
 
 def test_decode_dense_matches_transformers(checkpoint, features):
