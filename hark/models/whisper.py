@@ -236,9 +236,13 @@ class WhisperForConditionalGeneration(nn.Module):
         return self.encoder(features.to(self.encoder.conv1.weight))
 
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
-        """One encoder output [1500, D] per item, the encoder run once over all of them."""
+        """One encoder output [1500, D] per item. On CPU the encoder runs one window at a time (its
+        activations then stay in cache: 400 ms per window against 442 ms in batches of 6, 1 thread),
+        elsewhere once over all of them."""
+        if self.encoder.conv1.weight.is_cpu:
+            return [self.encode(item.features[None])[0] for item in items]
         states = self.encode(torch.stack([item.features for item in items]))
-        return [s.clone() for s in states]
+        return [s.clone() for s in states]   # a cached output must not keep the whole batch alive
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
