@@ -8,7 +8,7 @@ import torch
 from hark.config import EngineConfig
 from hark.engine.detokenizer import Detokenizer, find_stop_string
 from hark.engine.kv_cache import KVCacheManager
-from hark.engine.request import Request, Sequence, SequenceStatus
+from hark.engine.request import Request, Sequence
 from hark.engine.scheduler import Scheduler
 from hark.inputs import ProcessedPrompt
 from hark.models.loader import load_model

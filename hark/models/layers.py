@@ -1,7 +1,28 @@
-"""Building blocks shared by hark's models: norms, rotary embeddings, fused projections."""
+"""Building blocks shared by hark's models: linear layers, norms, rotary embeddings, fused MLP."""
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, in float32 inference on CPU, multiplies by a copy of its weight packed in
+    oneDNN's blocked layout (made on first use, again whenever the weight changes). On this AVX2 CPU
+    (1 thread) that measured 1.6x faster than nn.Linear for a 151936-token vocabulary projection of
+    64 rows and 1.1-1.45x for a decoder layer's projections. It holds a second copy of the weight."""
+
+    packed = packed_for = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not (ONEDNN and w.device.type == "cpu" and w.dtype == x.dtype == torch.float32
+                and not torch.is_grad_enabled()):
+            return super().forward(x)
+        if self.packed_for != (w.data_ptr(), w._version):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            self.packed_for = (w.data_ptr(), w._version)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +79,8 @@ class SiluGatedMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -4,7 +4,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hark.models.layers import RMSNorm, RotaryEmbedding, SiluGatedMLP
+from hark.models.layers import Linear, RMSNorm, RotaryEmbedding, SiluGatedMLP
 from hark.runner.attention import AttentionMetadata, paged_attention
 
 
@@ -17,8 +17,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size,
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size,
                                 bias=getattr(config, "attention_bias", False) and not qkv_bias)
         self.k_cache = self.v_cache = torch.empty(0)
 
@@ -57,7 +57,9 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, self.qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config, config.max_position_embeddings)
         attn = self.layers[0].self_attn
         self.num_kv_layers, self.num_kv_heads, self.head_dim = len(self.layers), attn.num_kv_heads, attn.head_dim
@@ -75,8 +77,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], prefix: str = "model.") -> None:
         """Loads HF names (model.layers.N.self_attn.q_proj.weight, lm_head.weight, ...)."""
@@ -86,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         loaded = set()
         for name, tensor in weights:
             if name == "lm_head.weight":
-                if self.lm_head is None:
+                if self.tie_word_embeddings:
                     continue
                 target = name
             elif name.startswith(prefix):

@@ -10,10 +10,10 @@ import copy
 from typing import Iterable
 
 import torch
-from torch import nn
 
 from hark.inputs import AudioItem
 from hark.models.audio_lm import AudioLanguageModel
+from hark.models.layers import Linear
 from hark.models.llama import Qwen2ForCausalLM
 from hark.models.whisper_encoder import WhisperAudioEncoder
 
@@ -25,7 +25,7 @@ class Qwen2AudioForConditionalGeneration(AudioLanguageModel):
         text_config = copy.deepcopy(config.text_config)
         text_config.tie_word_embeddings = False
         self.audio_tower = WhisperAudioEncoder(config.audio_config, avg_pool=True)
-        self.multi_modal_projector = nn.Linear(config.audio_config.d_model, text_config.hidden_size)
+        self.multi_modal_projector = Linear(config.audio_config.d_model, text_config.hidden_size)
         self.language_model = Qwen2ForCausalLM(text_config, dtype)
         self._bind_language_model(text_config)
 

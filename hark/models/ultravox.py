@@ -22,7 +22,7 @@ from torch import nn
 
 from hark.inputs import AudioItem
 from hark.models.audio_lm import AudioLanguageModel
-from hark.models.layers import RMSNorm
+from hark.models.layers import Linear, RMSNorm
 from hark.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from hark.models.whisper_encoder import WhisperAudioEncoder
 
@@ -87,14 +87,14 @@ class UltravoxProjector(nn.Module):
         dim_mid = config.hidden_size // 2 if config.projector_act == "swiglu" else config.hidden_size
         dim_out = config.text_config.hidden_size
         self.ln_pre = RMSNorm(dim_in, 1e-6)
-        self.linear_1 = nn.Linear(dim_in, config.hidden_size, bias=False)
+        self.linear_1 = Linear(dim_in, config.hidden_size, bias=False)
         if config.projector_act == "swiglu":
             self.act = swiglu
         else:
             from transformers.activations import get_activation
             self.act = get_activation(config.projector_act)
         self.ln_mid = RMSNorm(dim_mid, 1e-6) if config.projector_ln_mid else nn.Identity()
-        self.linear_2 = nn.Linear(dim_mid, dim_out, bias=False)
+        self.linear_2 = Linear(dim_mid, dim_out, bias=False)
         self.ln_post = nn.Identity() if config.projector_ln_mid else RMSNorm(dim_out, 1e-6)
 
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hark.models.layers import Linear
+
 
 def conv_output_frames(mel_frames: int) -> int:
     """Encoder frames (after the stride-2 convolution) that come from `mel_frames` valid mel frames."""
@@ -32,8 +34,8 @@ class EncoderAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.qkv_proj = Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
+        self.out_proj = Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
         """x [N, D]: the frames of several clips one after another, spans[i] of clip i."""
@@ -55,8 +57,8 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = EncoderAttention(config.d_model, config.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
-        self.fc1 = nn.Linear(config.d_model, config.encoder_ffn_dim)
-        self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
+        self.fc1 = Linear(config.d_model, config.encoder_ffn_dim)
+        self.fc2 = Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
     def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:

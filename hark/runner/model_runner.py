@@ -1,5 +1,4 @@
 """Owns the model and its KV-cache tensors; turns a scheduled batch into one forward pass."""
-import math
 from dataclasses import dataclass
 
 import torch

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from hark.audio import TRANSCRIPTION_LIMITS, load_audio
+from hark.audio import TRANSCRIPTION_LIMITS
 from hark.engine.async_engine import AsyncLLMEngine
 from hark.server.completions import sse, unless_disconnected
 from hark.server.errors import APIError, error_body, to_api_error
