@@ -1,9 +1,10 @@
 """Audio chat throughput: hark vs transformers `generate` on the same random-weight Qwen2-Audio.
 
-Model (random weights, float32), sized so the whole comparison runs in under 5 minutes on 2 shared
-CPU cores: a whisper-tiny-sized audio encoder (4 layers, d_model 384, 6 heads, FFN 1536, 128 mel
-bins, 30 s window: 750 audio tokens) and a Qwen2-style LM of hidden 512, 4 layers, 8 heads, 2 KV
-heads, FFN 2048, byte-level vocabulary (~260 tokens): about 20 M parameters in all.
+Model (random weights, float32), sized so the whole comparison runs in minutes on 2 CPU cores: a
+whisper-tiny-sized audio encoder (4 layers, d_model 384, 6 heads, FFN 1536, 128 mel bins, 30 s
+window: 750 audio tokens) and a Qwen2 LM of Qwen2-0.5B's width (hidden 896, 14 heads, 2 KV heads,
+FFN 4864; `--lm-hidden 512` gives a 512-wide, FFN 2048, 8-head LM) with 4 layers and a
+byte-level vocabulary (~260 tokens): about 70 M parameters in all (24 M at width 512).
 
 Workload: 32 requests, each a 5-30 s clip of real speech (tests/data, concatenated and repeated
 to length) and a question, greedy with mixed output lengths 32-256 (ignore_eos). transformers
@@ -37,7 +38,7 @@ QUESTIONS = ["What is said in this recording?", "Who is speaking?", "Summarize t
              "How many people speak?", "What language is this?"]
 
 
-def build_checkpoint(path: str, lm_layers: int):
+def build_checkpoint(path: str, lm_layers: int, lm_hidden: int = 896):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -50,8 +51,9 @@ def build_checkpoint(path: str, lm_layers: int):
     config = Qwen2AudioConfig(
         audio_config=dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
                           num_mel_bins=128, max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=512, intermediate_size=2048,
-                         num_hidden_layers=lm_layers, num_attention_heads=8, num_key_value_heads=2,
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=lm_hidden,
+                         intermediate_size=4864 if lm_hidden == 896 else 4 * lm_hidden,
+                         num_hidden_layers=lm_layers, num_attention_heads=lm_hidden // 64, num_key_value_heads=2,
                          max_position_embeddings=4096, eos_token_id=tok.eos_token_id),
         audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), architectures=["Qwen2AudioForConditionalGeneration"])
     torch.manual_seed(0)
@@ -131,11 +133,12 @@ def main():
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--hf-requests", type=int, default=16)
     ap.add_argument("--lm-layers", type=int, default=4)
+    ap.add_argument("--lm-hidden", type=int, default=896, help="896 (Qwen2-0.5B's width) or 512")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     set_threads(args.threads)
     path = tempfile.mkdtemp(prefix="hark-audio-bench-")
-    model, tok = build_checkpoint(path, args.lm_layers)
+    model, tok = build_checkpoint(path, args.lm_layers, args.lm_hidden)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     reqs = workload(args.requests)
     audio_s = sum(len(a) for a, _, _ in reqs) / 16000
