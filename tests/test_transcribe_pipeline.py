@@ -83,11 +83,11 @@ def test_long_audio_timestamps_follow_the_clips(llm, clips):
     assert words and all(0 <= w.start <= w.end <= duration for w in words)
     assert [w.start for w in words] == sorted(w.start for w in words)
     # Every clip's speech starts where a word starts and ends where a word ends. (Whisper's segments
-    # may hold several sentences, so clip boundaries are matched against word boundaries; the DTW
-    # end of a sentence's last word runs up to ~0.55 s into the pause after it.)
+    # may hold several sentences, so clip boundaries are matched against word boundaries; word edges
+    # are trimmed off silent audio, which brought the worst clip end from 0.53 s to 0.32 s.)
     for clip_start, clip_end in bounds:
         assert min(abs(w.start - clip_start) for w in words) <= 0.5, clip_start
-        assert min(abs(w.end - clip_end) for w in words) <= 0.6, clip_end
+        assert min(abs(w.end - clip_end) for w in words) <= 0.5, clip_end
     reference = " ".join(t for order in (clips, clips[::-1]) for _, t in order)
     assert wer([reference], [result.text]) <= 0.05
 

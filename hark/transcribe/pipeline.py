@@ -33,7 +33,7 @@ from hark.transcribe.result import Segment, Transcription
 from hark.transcribe.rules import SuppressTokens, TimestampRules
 from hark.transcribe.segments import compression_ratio, split_segments
 from hark.transcribe.vocab import TIME_PRECISION, WhisperVocab
-from hark.transcribe.words import attach_words
+from hark.transcribe.words import attach_words, trim_silence
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -379,6 +379,7 @@ def _add_word_timestamps(engine, vocab: WhisperVocab, windows: list[Window], lan
                                           w.processed.audio_items[0].num_frames, len(prompts[i])))
     last_speech = {}
     for w, alignment in zip(spoken, alignments):
+        trim_silence(alignment, w.samples)
         last_speech[w.source] = attach_words(w.segments, alignment, vocab, w.offset, last_speech.get(w.source, 0.0))
     for w in windows:
         for s in w.segments:

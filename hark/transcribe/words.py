@@ -129,3 +129,28 @@ def _fit_words_to_segment(segment, words, median_duration, max_duration, last_sp
         last.end = max(last.start + median_duration, segment.end)
     else:
         segment.end = last.end
+
+
+FRAME_S = 0.02            # energy frames for trimming silence off word edges
+QUIET_RELATIVE = 0.03     # a frame quieter than this fraction of the window's speech level (-30 dB) is silence
+MIN_WORD_S = 0.06
+
+
+def trim_silence(alignment: list, samples: np.ndarray, sample_rate: int = 16000) -> None:
+    """Pulls each word's start and end in from audio that is silent, so a word followed by a pause
+    ends where its sound ends (DTW tends to run a sentence's last word into the pause after it).
+    Times are seconds from the start of `samples`; words never shrink below MIN_WORD_S."""
+    hop = int(FRAME_S * sample_rate)
+    n = len(samples) // hop
+    if n == 0:
+        return
+    rms = np.sqrt(np.mean(np.square(samples[: n * hop].reshape(n, hop), dtype=np.float64), axis=1))
+    quiet = rms < max(float(np.percentile(rms, 95)) * QUIET_RELATIVE, 1e-5)
+    keep = max(1, round(MIN_WORD_S / FRAME_S))
+    for w in alignment:
+        first, last = int(w.start / FRAME_S), min(n, int(np.ceil(w.end / FRAME_S)))
+        while last - first > keep and quiet[last - 1]:
+            last -= 1
+        while last - first > keep and quiet[first]:
+            first += 1
+        w.start, w.end = max(w.start, first * FRAME_S), min(w.end, last * FRAME_S)
