@@ -88,7 +88,7 @@ def test_transcription_formats(client):
                                                  response_format="verbose_json",
                                                  timestamp_granularities=["word", "segment"])
     assert verbose.text == r.text and verbose.language == "en" and abs(verbose.duration - sf.info(wav).duration) < 0.01
-    assert verbose.segments[0].start == 0.0 and verbose.segments[-1].end <= verbose.duration + 0.5
+    assert 0.0 <= verbose.segments[0].start <= 0.5 and verbose.segments[-1].end <= verbose.duration + 0.5
     assert [w.word.strip() for w in verbose.words] == r.text.split()
     starts = [w.start for w in verbose.words]
     assert starts == sorted(starts) and all(w.end >= w.start for w in verbose.words)
