@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hark.models.layers import Linear, RMSNorm, RotaryEmbedding, SiluGatedMLP
+from hark.models.weights import WeightLoader
 from hark.runner.attention import AttentionMetadata, paged_attention
 
 
@@ -81,10 +82,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], prefix: str = "model.") -> None:
         """Loads HF names (model.layers.N.self_attn.q_proj.weight, lm_head.weight, ...)."""
-        params = dict(self.named_parameters())
+        loader = WeightLoader(self)
         fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-        loaded = set()
         for name, tensor in weights:
             if name == "lm_head.weight":
                 if self.tie_word_embeddings:
@@ -100,19 +100,12 @@ class LlamaForCausalLM(nn.Module):
             if len(parts) >= 2 and parts[-2] in fused:
                 fused_name, shard = fused[parts[-2]]
                 target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-                param = params[target]
                 sizes = self._shard_sizes(fused_name)
                 offset = sum(sizes[:shard])
-                param.data[offset: offset + sizes[shard]].copy_(tensor)
-                loaded.add((target, shard))
+                loader.copy(target, tensor, name, slice(offset, offset + sizes[shard]))
                 continue
-            if target not in params:
-                raise ValueError(f"checkpoint has an unexpected weight {name!r}")
-            params[target].data.copy_(tensor)
-            loaded.add((target, 0))
-        missing = [n for n in params if not any(t == n for t, _ in loaded)]
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
+            loader.copy(target, tensor, name)
+        loader.check_complete()
 
     def _shard_sizes(self, fused_name: str) -> list[int]:
         if fused_name == "qkv_proj":

@@ -17,6 +17,7 @@ from torch import nn
 
 from hark.inputs import AudioItem
 from hark.models.layers import Linear
+from hark.models.weights import WeightLoader
 from hark.runner.attention import AttentionMetadata, paged_attention
 
 
@@ -295,7 +296,6 @@ class WhisperForConditionalGeneration(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Loads HF Whisper names (model.encoder..., model.decoder..., proj_out.weight)."""
-        params = dict(self.named_parameters())
         # HF projection -> (our fused parameter, row offset in units of d_model)
         fused = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
                  "self_attn.v_proj": ("self_attn.qkv_proj", 2), "encoder_attn.k_proj": ("encoder_attn.kv_proj", 0),
@@ -304,7 +304,7 @@ class WhisperForConditionalGeneration(nn.Module):
         for module in self.modules():  # Whisper's K has no bias: its slice of the fused bias stays zero
             if isinstance(module, (SelfAttention, CrossAttention)):
                 (module.qkv_proj if isinstance(module, SelfAttention) else module.kv_proj).bias.data.zero_()
-        loaded = set()
+        loader = WeightLoader(self)
         for name, tensor in weights:
             if name == "proj_out.weight":
                 continue  # tied to model.decoder.embed_tokens.weight
@@ -317,14 +317,7 @@ class WhisperForConditionalGeneration(nn.Module):
             if key in fused:
                 fused_name, shard = fused[key]
                 target = f"{prefix.rpartition('.')[0]}.{fused_name}.{kind}"
-                params[target].data[shard * d:(shard + 1) * d].copy_(tensor)
-                loaded.add((target, shard))
+                loader.copy(target, tensor, name, slice(shard * d, (shard + 1) * d))
                 continue
-            if target not in params:
-                raise ValueError(f"checkpoint has an unexpected weight {name!r}")
-            params[target].data.copy_(tensor)
-            loaded.add((target, 0))
-        loaded_names = {t for t, _ in loaded}
-        missing = [n for n in params if n not in loaded_names]
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
+            loader.copy(target, tensor, name)
+        loader.check_complete()

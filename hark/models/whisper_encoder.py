@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hark.models.layers import Linear
+from hark.models.weights import WeightLoader
 
 
 def conv_output_frames(mel_frames: int) -> int:
@@ -102,23 +103,16 @@ class WhisperAudioEncoder(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF encoder names without prefix (conv1.weight, layers.0.self_attn.q_proj.weight, ...)."""
-        params = dict(self.named_parameters())
-        loaded = set()
+        loader = WeightLoader(self, "audio encoder weight")
         d = self.conv1.out_channels
         for name, tensor in weights:
             parts = name.split(".")
             if len(parts) == 5 and parts[3] in ("q_proj", "k_proj", "v_proj"):
                 target = ".".join(parts[:3] + ["qkv_proj", parts[4]])
                 shard = ("q_proj", "k_proj", "v_proj").index(parts[3])
-                params[target].data[shard * d:(shard + 1) * d].copy_(tensor)
-                loaded.add(target)
+                loader.copy(target, tensor, name, slice(shard * d, (shard + 1) * d))
                 continue
-            if name not in params:
-                raise ValueError(f"checkpoint has an unexpected audio encoder weight {name!r}")
-            params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing audio encoder weights: {missing[:5]}")
+            loader.copy(name, tensor, name)
+        loader.check_complete()
         for layer in self.layers:          # Whisper's K projection has no bias
             layer.self_attn.qkv_proj.bias.data[d:2 * d].zero_()
