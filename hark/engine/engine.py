@@ -72,11 +72,6 @@ class LLMEngine:
         cfg = getattr(cfg, "text_config", None) or cfg
         return max(cfg.vocab_size, len(self.tokenizer))
 
-    @property
-    def max_concurrent_sequences(self) -> float:
-        """How many max_model_len sequences the KV budget holds at once."""
-        return self.kv.num_blocks * self.kv.block_size / self.max_model_len
-
     def max_concurrent_audio_requests(self, audio_s: float = 30.0, text_tokens: int = 64,
                                       max_tokens: int = 256) -> int:
         """How many requests of audio_s seconds of audio, text_tokens of text and max_tokens of output

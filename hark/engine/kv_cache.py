@@ -122,11 +122,6 @@ class KVCacheManager:
                 self.block_hash[block] = h
                 self.cached[h] = block
 
-    def reset_prefix_cache(self) -> None:
-        for h, block in list(self.cached.items()):
-            self.block_hash[block] = None
-        self.cached.clear()
-
 
 def block_extra_keys(seq: Sequence, start: int, end: int) -> tuple:
     """What besides token ids determines a block's KV: audio embedded in it, the request's salt."""
