@@ -68,3 +68,16 @@ def test_silence_and_bad_input():
         log_mel_spectrogram([])
     with pytest.raises(ValueError):
         log_mel_spectrogram([np.zeros((2, 16000), np.float32)])
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_gpu_shaped_path_matches_the_cpu_chunked_path(clips, n_mels):
+    # the batched one-pass path runs on GPUs; check it here against the chunked CPU path, with
+    # lengths that end inside a chunk, on a chunk edge, and past the window
+    from hark.audio import mel
+    audios = [torch.from_numpy(c) for c in clips] + [torch.from_numpy(np.concatenate(clips * 3))]
+    for n_samples in (mel.CHUNK_FRAMES * mel.HOP_LENGTH, 480000, 1234 * mel.HOP_LENGTH):
+        chunked = mel._log_mel_chunked(audios, n_mels, n_samples)
+        batched = mel._log_mel_batched(audios, n_mels, n_samples)
+        assert chunked.shape == (len(audios), n_mels, n_samples // mel.HOP_LENGTH)
+        assert (chunked - batched).abs().max() < 1e-5
