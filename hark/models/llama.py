@@ -23,13 +23,16 @@ class Attention(nn.Module):
                                 bias=getattr(config, "attention_bias", False) and not qkv_bias)
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata):
+    def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, rows=None):
+        """Writes K/V of every row; returns the output of `rows` only (all when None)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        if rows is not None:
+            o = o[rows]
         return self.o_proj(o.flatten(1))
 
 
@@ -42,8 +45,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rope, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta)
+    def forward(self, x, positions, rope, meta, rows=None):
+        attn = self.self_attn(self.input_layernorm(x), positions, rope, meta, rows)
+        x = (x if rows is None else x[rows]) + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -72,10 +76,13 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
+        """Hidden states of `meta.output_rows` (all rows when None). The last layer runs its
+        attention output, MLP and the norm on those rows only: the other rows of a prefill chunk
+        only leave K/V behind, which that layer writes before the rows are dropped."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, positions, self.rope, meta)
-        return self.norm(x)
+        return self.norm(self.layers[-1](x, positions, self.rope, meta, meta.output_rows))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

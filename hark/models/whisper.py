@@ -228,12 +228,14 @@ class WhisperForConditionalGeneration(nn.Module):
         return self.decoder.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, inputs_embeds=None) -> torch.Tensor:
-        """Packed decoder tokens [T] at `positions` -> hidden [T, D]."""
+        """Packed decoder tokens [T] at `positions` -> hidden of `meta.output_rows` (all when None)."""
         x = self.get_input_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         x = x + self.decoder.embed_positions(positions)
         stack, rows = self.cross_keys_values(meta, x.dtype)
         for layer, cross_kv in zip(self.decoder.layers, stack.layers):
             x = layer(x, meta, cross_kv, rows)
+        if meta.output_rows is not None:
+            x = x[meta.output_rows]
         return self.decoder.layer_norm(x)
 
     def cross_keys_values(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple["CrossKVStack", torch.Tensor | None]:

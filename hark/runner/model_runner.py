@@ -121,9 +121,11 @@ class ModelRunner:
             meta.cross_caches = [s.request.cross_cache for s in seqs]
         elif any(s.request.prompt.audio_items for s in seqs):
             inputs_embeds = self._audio_embeddings(seqs, counts, ids)
+        if len(logit_rows) != len(input_ids) or logit_rows != list(range(len(input_ids))):
+            meta.output_rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
         meta.prepare()
         hidden = self.model(ids, torch.tensor(positions, dtype=torch.long, device=dev), meta,
                             inputs_embeds=inputs_embeds)
-        logits = self.model.compute_logits(hidden[logit_rows]) if logit_rows else hidden.new_zeros(0, 0)
+        logits = self.model.compute_logits(hidden) if logit_rows else hidden.new_zeros(0, 0)
         prompt_logits = {i: (logits[a: a + n], first) for i, (a, n, first) in prompt_spans.items()}
         return ForwardResult(sample_rows, logits[sample_logit_start:], prompt_logits)
