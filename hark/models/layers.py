@@ -74,10 +74,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-# Rows per MLP pass on long prefill chunks. A 2048-row chunk of a 4864-wide MLP makes 80 MB of
-# gate/up output: above glibc's 32 MB mmap threshold, so each step paid fresh page faults for it
-# (1.8 s of 20 s prefill in benchmarks/audio_chat.py). 512 rows keep the GEMMs as efficient.
-MLP_ROW_CHUNK = 512
+# glibc hands out allocations over 32 MB as fresh mmap pages every time, and page-faulting them in
+# costs as much as a GEMM: a 2048-row prefill chunk of a 4864-wide MLP made 80 MB of gate/up output
+# per layer (1.8 s of 20 s prefill in benchmarks/audio_chat.py). Row blocks that keep the widest
+# temporary under this size are reused from the heap instead, and their GEMMs are as efficient.
+TEMP_BYTES = 24 << 20
+
+
+def by_row_blocks(fn, x: torch.Tensor, width: int) -> torch.Tensor:
+    """fn(x) for a row-wise, shape-preserving fn whose widest temporary is [rows, width], computed
+    in row blocks that keep that temporary under TEMP_BYTES."""
+    rows = max(64, TEMP_BYTES // (width * x.element_size()))
+    if x.shape[0] <= rows:
+        return fn(x)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], rows):
+        out[start:start + rows] = fn(x[start:start + rows])
+    return out
 
 
 class SiluGatedMLP(nn.Module):
@@ -89,10 +102,8 @@ class SiluGatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= MLP_ROW_CHUNK:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[0], MLP_ROW_CHUNK):
-            out[start:start + MLP_ROW_CHUNK] = self(x[start:start + MLP_ROW_CHUNK])
-        return out
+        return by_row_blocks(self.rows_forward, x, self.gate_up_proj.out_features)
+
+    def rows_forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hark.models.layers import Linear
+from hark.models.layers import Linear, by_row_blocks
 from hark.models.weights import WeightLoader
 
 
@@ -64,7 +64,10 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), spans)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return x + by_row_blocks(self.mlp, self.final_layer_norm(x), self.fc1.out_features)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class WhisperAudioEncoder(nn.Module):
