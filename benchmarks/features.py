@@ -1,6 +1,9 @@
 """hark's log-mel features vs transformers' WhisperFeatureExtractor, same audio, same run.
 
-    .venv/bin/python benchmarks/features.py [--repeats 20]
+    .venv/bin/python benchmarks/features.py [--repeats 20] [--threads 1]
+
+One thread by default, as the other benchmarks (see the README: on this shared 2-core machine two
+OpenMP threads stall at barriers); --threads 2 gives the two-core figure.
 
 Audio: the speech in tests/data, tiled to 8 clips of 30 s (the issue's case), then 8 clips of
 3 - 10 s padded to 30 s (what a chat request batch looks like). Prints median and best times.
@@ -52,7 +55,7 @@ def compare(name: str, audios: list[np.ndarray], repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     speech = np.concatenate([load_audio(p) for p in sorted(glob.glob(str(DATA / "*.wav")))])
