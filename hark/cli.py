@@ -21,6 +21,7 @@ def add_transcribe_parser(subparsers) -> None:
     p.add_argument("--no-timestamps", action="store_true", help="decode without timestamp tokens")
     p.add_argument("--temperature", type=float, nargs="+", default=None,
                    help="temperature, or a fallback schedule (default: 0 0.2 0.4 0.6 0.8 1)")
+    p.add_argument("--best-of", type=int, default=5, help="samples per window at a temperature > 0 (default: 5)")
     p.add_argument("--initial-prompt", default=None, help="text to condition the decoder on (names, spelling)")
     p.add_argument("--split", choices=("quiet", "speech"), default="quiet",
                    help="cut long audio at quiet points or around speech regions (VAD)")
@@ -44,7 +45,9 @@ def run_transcribe(args) -> int:
                        disable=total < PROGRESS_MIN_SECONDS and len(args.files) == 1)
         bar.update(round(done, 1) - bar.n)
 
-    options = {"temperature": tuple(args.temperature)} if args.temperature else {}
+    options = {"best_of": args.best_of}
+    if args.temperature:
+        options["temperature"] = tuple(args.temperature)
     try:
         results = llm.transcribe(list(args.files), language=args.language, task=args.task,
                                  timestamps=not args.no_timestamps, word_timestamps=args.word_timestamps,

@@ -111,7 +111,7 @@ def test_run_gives_each_window_text_once_it_and_earlier_ones_are_final(llm, clip
     assert len(decodes) == 3
     pieces = []       # (text, decodes still running when it became final)
     while decodes:
-        done = [(decodes.pop(out.request_id), out.outputs[0]) for out in engine.step() if out.finished]
+        done = [(decodes.pop(out.request_id), out.outputs) for out in engine.step() if out.finished]
         if done:
             for d in run.finish(done):
                 decodes[engine.add_request(None, d.params, processed=d.processed)] = d
@@ -122,6 +122,25 @@ def test_run_gives_each_window_text_once_it_and_earlier_ones_are_final(llm, clip
     result = run.results()[0]
     assert pieces[0][0] == pieces[0][0].lstrip() and "".join(text for text, _ in pieces).strip() == result.text
     assert result.text == llm.transcribe(audio).text       # the offline driver steps the same run
+
+
+def test_best_of_samples_at_temperature_and_keeps_the_likeliest(llm, clips):
+    engine = llm.llm_engine
+    greedy = TranscriptionRun(engine, [clips[0][0]], TranscriptionOptions(timestamps=False))
+    assert [d.params.n for d in greedy.start()] == [1]
+    run = TranscriptionRun(engine, [clips[0][0]], TranscriptionOptions(temperature=1.0, best_of=4, timestamps=False))
+    [decode] = run.start()
+    assert decode.params.n == 4
+    request_id = engine.add_request(None, decode.params, processed=decode.processed)
+    finished = []
+    while not finished:
+        finished = [out for out in engine.step() if out.finished and out.request_id == request_id]
+    samples = finished[0].outputs
+    assert len(samples) == 4 and len({tuple(s.token_ids) for s in samples}) > 1
+    assert run.finish([(decode, samples)]) == []     # the only temperature: no retry
+    best = max(samples, key=lambda s: s.cumulative_logprob / len(s.token_ids))
+    assert best is not samples[0]   # so taking the first sample would fail
+    assert run.results()[0].text == engine.tokenizer.decode(best.token_ids, skip_special_tokens=True).strip()
 
 
 def test_user_errors_are_value_errors(llm, clips):

@@ -133,7 +133,7 @@ async def _decode_windows(engine: AsyncLLMEngine, run: TranscriptionRun) -> Asyn
         submit(await engine.run_job(lambda _: run.start()))
         while decodes:
             finished, _ = await asyncio.wait(decodes, return_when=asyncio.FIRST_COMPLETED)
-            done = [(decodes.pop(task), task.result().outputs[0]) for task in finished]
+            done = [(decodes.pop(task), task.result().outputs) for task in finished]
             follow_ups, text = await engine.run_job(lambda _: (run.finish(done), run.take_text()))
             submit(follow_ups)
             if text:

@@ -19,6 +19,7 @@ class TranscriptionOptions:
     timestamps: bool = True                 # segment timestamps from Whisper's timestamp tokens
     word_timestamps: bool = False
     temperature: float | Sequence[float] = DEFAULT_TEMPERATURES   # fallback schedule
+    best_of: int = 5                        # samples per window at a temperature > 0; the likeliest wins
     initial_prompt: str | None = None
     compression_ratio_threshold: float | None = 2.4     # above: output is looping, decode again hotter
     logprob_threshold: float | None = -1.0              # below: output is unsure, decode again hotter
@@ -37,5 +38,7 @@ class TranscriptionOptions:
             raise InvalidTranscriptionRequest(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.split not in SPLITS:
             raise InvalidTranscriptionRequest(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not isinstance(self.best_of, int) or self.best_of < 1:
+            raise InvalidTranscriptionRequest(f"best_of must be an integer ≥ 1, got {self.best_of!r}")
         if self.max_initial_timestamp < 0:
             raise InvalidTranscriptionRequest(f"max_initial_timestamp must be ≥ 0, got {self.max_initial_timestamp}")

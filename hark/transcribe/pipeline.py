@@ -110,7 +110,7 @@ def transcribe(
     try:
         submit(run.start())
         while decodes:
-            done = [(decodes.pop(out.request_id), out.outputs[0]) for out in engine.step()
+            done = [(decodes.pop(out.request_id), out.outputs) for out in engine.step()
                     if out.finished and out.request_id in decodes]
             if done:
                 submit(run.finish(done))
@@ -169,12 +169,14 @@ class TranscriptionRun:
             self.languages = [first.get(i, "en") for i in range(len(self.inputs))]
         return self._first_decodes(self.windows)
 
-    def finish(self, done: list[tuple[WindowRequest, CompletionOutput]]) -> list[WindowRequest]:
-        """Takes finished decodes; returns the decodes they lead to: a window that failed the quality
-        gates again at the next temperature, and the tail of a window whose decode stopped early."""
+    def finish(self, done: list[tuple[WindowRequest, list[CompletionOutput]]]) -> list[WindowRequest]:
+        """Takes finished decodes (each with its samples); returns the decodes they lead to: a window
+        that failed the quality gates again at the next temperature, and the tail of a window whose
+        decode stopped early."""
         opts, retries, tails = self.opts, [], []
-        for request, completion in done:
+        for request, completions in done:
             w = request.window
+            completion = max(completions, key=_likelihood)
             # The engine's log-probabilities are of the processed logits without the temperature:
             # openai-whisper's sum_logprob.
             w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
@@ -256,8 +258,9 @@ class TranscriptionRun:
             processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence))
         max_context = self.engine.loaded.hf_config.max_target_positions
         prompt_len = len(w.processed.prompt_token_ids)
+        temperature = opts.temperature[attempt]
         params = SamplingParams(
-            temperature=opts.temperature[attempt], max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
+            n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
             seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors)
         return WindowRequest(w, attempt, params, probe)
 
@@ -270,6 +273,11 @@ class TranscriptionRun:
                         temperature=d.temperature, avg_logprob=d.avg_logprob, compression_ratio=d.compression_ratio,
                         no_speech_prob=d.no_speech_prob)
                 for timed in split_segments(d.tokens, self.vocab, w.duration)]
+
+
+def _likelihood(completion: CompletionOutput) -> float:
+    """openai-whisper's ranking of best-of samples: sum of log-probabilities over length."""
+    return completion.cumulative_logprob / max(1, len(completion.token_ids))
 
 
 def _split(source: int, samples: np.ndarray, how: str) -> list[Window]:
