@@ -109,6 +109,7 @@ class KVCacheManager:
                 if self.block_hash[block] is None:
                     self.free_queue.move_to_end(block, last=False)
         seq.block_table = []
+        seq.num_committed_blocks = 0
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """After a step: registers seq's newly filled blocks in the prefix cache."""
@@ -116,11 +117,12 @@ class KVCacheManager:
             return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         hashes = self._hashes_up_to(seq, full)
-        for i in range(full):
+        for i in range(seq.num_committed_blocks, full):
             block, h = seq.block_table[i], hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
                 self.cached[h] = block
+        seq.num_committed_blocks = max(seq.num_committed_blocks, full)
 
 
 def block_extra_keys(seq: Sequence, start: int, end: int) -> tuple:

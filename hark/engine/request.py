@@ -47,6 +47,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    num_committed_blocks: int = 0               # blocks of block_table already offered to the prefix cache
     num_cached_tokens: int = 0
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] | None = None
