@@ -40,3 +40,19 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown architecture"):
         LLM(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_nn_linear(dtype):
+    from hark.models.layers import PACKED_DTYPES, Linear
+    if dtype not in PACKED_DTYPES:
+        pytest.skip(f"{dtype} weights are not packed on this CPU")
+    torch.manual_seed(0)
+    layer = Linear(96, 160).to(dtype)
+    x = torch.randn(7, 96, dtype=dtype)
+    with torch.inference_mode():
+        packed = layer(x)
+        assert layer.packed is not None
+        torch.testing.assert_close(packed, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(2)             # a changed weight is packed again
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
