@@ -1,6 +1,6 @@
 """Audio chat throughput: hark vs transformers `generate` on the same random-weight Qwen2-Audio.
 
-Model (random weights, float32), sized so the whole comparison runs in minutes on 2 CPU cores: a
+Model (random weights, float32; `--dtype bfloat16` runs both engines in bfloat16), sized so the whole comparison runs in minutes on 2 CPU cores: a
 whisper-tiny-sized audio encoder (4 layers, d_model 384, 6 heads, FFN 1536, 128 mel bins, 30 s
 window: 750 audio tokens) and a Qwen2 LM of Qwen2-0.5B's width (hidden 896, 14 heads, 2 KV heads,
 FFN 4864; `--lm-hidden 512` gives a 512-wide, FFN 2048, 8-head LM) with 4 layers and a
@@ -92,7 +92,7 @@ def run_hark(path, reqs, **engine_kwargs):
     return llm, tokens / t.seconds, tokens, t.seconds
 
 
-def run_hf(model, tok, reqs, batch_size: int):
+def run_hf(model, tok, reqs, batch_size: int, dtype: torch.dtype):
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
     tok.padding_side = "left"
     processor = Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tok)
@@ -103,6 +103,7 @@ def run_hf(model, tok, reqs, batch_size: int):
         with Timer() as t:
             inputs = processor(text=[PLACEHOLDER + q for _, q, _ in chunk], audio=[a for a, _, _ in chunk],
                                sampling_rate=16000, return_tensors="pt", padding=True)
+            inputs["input_features"] = inputs["input_features"].to(dtype)
             with torch.no_grad():
                 model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                pad_token_id=tok.eos_token_id)
@@ -111,11 +112,11 @@ def run_hf(model, tok, reqs, batch_size: int):
     return tokens / seconds, tokens, seconds
 
 
-def questions_about_one_clip(path, caches: bool):
+def questions_about_one_clip(path, caches: bool, dtype: str):
     """8 questions, one after another, about the same 30 s clip: seconds in all, encoder runs, cached tokens."""
     from hark import LLM, SamplingParams
     kwargs = {} if caches else {"enable_prefix_caching": False, "encoder_cache_bytes": 0}
-    llm = LLM(path, **kwargs)
+    llm = LLM(path, dtype=dtype, **kwargs)
     clip = (speech(30.0), 16000)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm.generate(["warm up"], SamplingParams(max_tokens=2), use_tqdm=False)
@@ -135,6 +136,7 @@ def main():
     ap.add_argument("--lm-layers", type=int, default=4)
     ap.add_argument("--lm-hidden", type=int, default=896, help="896 (Qwen2-0.5B's width) or 512")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both engines' dtype")
     args = ap.parse_args()
     set_threads(args.threads)
     path = tempfile.mkdtemp(prefix="hark-audio-bench-")
@@ -143,24 +145,25 @@ def main():
     reqs = workload(args.requests)
     audio_s = sum(len(a) for a, _, _ in reqs) / 16000
     print(f"model: random Qwen2-Audio, {params:.0f} M params; {len(reqs)} requests, {audio_s:.0f} s of audio, "
-          f"{sum(m for *_, m in reqs)} output tokens; {args.threads} threads")
+          f"{sum(m for *_, m in reqs)} output tokens; {args.dtype}, {args.threads} threads")
 
-    llm, hark_rate, hark_tokens, hark_s = run_hark(path, reqs)
+    llm, hark_rate, hark_tokens, hark_s = run_hark(path, reqs, dtype=args.dtype)
     stats = llm.llm_engine.stats()
     print(f"hark:                     {hark_rate:6.1f} tok/s  ({hark_tokens} tokens in {hark_s:.1f} s; "
           f"{stats['encoder_calls']} batched encoder calls; KV holds "
           f"{stats['max_concurrent_30s_audio_requests']} concurrent 30 s requests)")
     del llm
+    model.to(getattr(torch, args.dtype))
     hf = {}
     for batch_size in (1, 8, 16):
-        rate, tokens, seconds = run_hf(model, tok, reqs[: args.hf_requests], batch_size)
+        rate, tokens, seconds = run_hf(model, tok, reqs[: args.hf_requests], batch_size, getattr(torch, args.dtype))
         hf[batch_size] = rate
         print(f"transformers batch {batch_size:<2}:    {rate:6.1f} tok/s  ({tokens} tokens in {seconds:.1f} s)")
     best = max(hf.values())
     print(f"hark / best transformers: {hark_rate / best:.2f}x")
 
     for caches in (True, False):
-        seconds, encoded, cached = questions_about_one_clip(path, caches)
+        seconds, encoded, cached = questions_about_one_clip(path, caches, args.dtype)
         label = "caches on " if caches else "caches off"
         print(f"8 questions about one 30 s clip, {label}: {seconds:5.1f} s, encoder ran on {encoded} item(s), "
               f"{cached} prompt tokens from the prefix cache")
