@@ -1,4 +1,4 @@
-"""The `hark` command line: `hark transcribe FILE...` (and further subcommands alongside it)."""
+"""The `hark` command line: `hark transcribe FILE...`, `hark chat MODEL`, `hark serve MODEL`."""
 import argparse
 import os
 import sys
@@ -70,6 +70,51 @@ def run_transcribe(args) -> int:
     return 0
 
 
+def add_chat_parser(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with an audio-language model about audio files",
+                              description="Ask an audio-language model (Qwen2-Audio, Ultravox, ...) about audio "
+                                          "files: one question as an argument, or a conversation on stdin, a "
+                                          "line per turn. The audio goes with the first turn.")
+    p.add_argument("model", metavar="MODEL", help="local checkpoint directory")
+    p.add_argument("message", nargs="?", default=None, help="the question (default: read turns from stdin)")
+    p.add_argument("--audio", nargs="*", default=[], metavar="FILE", help="audio files to talk about")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> int:
+    import base64
+
+    from hark.llm import LLM
+    from hark.sampling import SamplingParams
+
+    audio_parts = []
+    for path in args.audio:
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        audio_parts.append({"type": "input_audio",
+                            "input_audio": {"data": data, "format": os.path.splitext(path)[1].lstrip(".") or "wav"}})
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    turns = [args.message] if args.message is not None else (line.strip() for line in sys.stdin)
+    for text in turns:
+        if not text and args.message is None:
+            continue
+        content = audio_parts + ([{"type": "text", "text": text}] if text else [])
+        audio_parts = []                          # the audio goes with the first turn only
+        messages.append({"role": "user", "content": content})
+        answer = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
 def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                               description="Serve a model over OpenAI's API: chat, completions, audio transcriptions.")
@@ -111,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hark", description="Inference engine for audio-language models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_transcribe_parser(subparsers)
+    add_chat_parser(subparsers)
     add_serve_parser(subparsers)
     return parser
 

@@ -119,3 +119,30 @@ def test_bad_content_raises_value_error(ckpt):
         llm.chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}]}],
                  GREEDY, use_tqdm=False)
     assert llm.generate("still fine", GREEDY, use_tqdm=False)[0].finished
+
+
+def test_hark_chat_command_one_question_and_a_conversation_on_stdin(ckpt, tmp_path, capsys, monkeypatch):
+    from hark.cli import main
+    path, _ = ckpt
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(4.0))
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip.read_bytes()).decode(),
+                                                     "format": "wav"}}
+    llm = LLM(path)
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=5)   # greedy gives only partial UTF-8 here
+    sampling = ["--max-tokens", "5", "--temperature", "1", "--seed", "0"]
+
+    assert main(["chat", path, "What is said?", "--audio", str(clip), *sampling]) == 0
+    turn1 = [{"role": "user", "content": [audio, {"type": "text", "text": "What is said?"}]}]
+    first = llm.chat(turn1, params, use_tqdm=False)[0].outputs[0].text
+    assert first and capsys.readouterr().out == first + "\n"
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is said?\n\nAnd then?\n"))
+    assert main(["chat", path, "--audio", str(clip), *sampling]) == 0
+    turn2 = turn1 + [{"role": "assistant", "content": first}, {"role": "user", "content": [{"type": "text", "text": "And then?"}]}]
+    second = llm.chat(turn2, params, use_tqdm=False)[0].outputs[0].text
+    assert capsys.readouterr().out == first + "\n" + second + "\n"
+
+    with pytest.raises(SystemExit):      # a missing audio file is a clear error, not a traceback
+        main(["chat", path, "hi", "--audio", str(tmp_path / "missing.wav")])
+    assert "missing.wav" in capsys.readouterr().err
