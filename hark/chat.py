@@ -1,4 +1,8 @@
 """Turns OpenAI-style chat messages into a prompt through the checkpoint's chat template."""
+import os
+
+NO_CHAT_TEMPLATE = ("this model has no chat template; pass one (chat_template=... in Python, "
+                    "--chat-template FILE on the command line).")
 
 
 def _text_of(content) -> str:
@@ -27,8 +31,16 @@ def build_chat_prompt(engine, conversation: list[dict], chat_template: str | Non
         return processor.build_chat_prompt(conversation, chat_template, add_generation_prompt, template_kwargs)
     tokenizer = engine.tokenizer
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; pass chat_template=... .")
+        raise ValueError(NO_CHAT_TEMPLATE)
     messages = [{"role": m["role"], "content": _text_of(m.get("content"))} for m in conversation]
     text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **template_kwargs)
     return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text}
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """A --chat-template option: a Jinja file, or the template text itself."""
+    if value is not None and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value

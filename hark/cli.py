@@ -79,6 +79,7 @@ def add_chat_parser(subparsers) -> None:
     p.add_argument("message", nargs="?", default=None, help="the question (default: read turns from stdin)")
     p.add_argument("--audio", nargs="*", default=[], metavar="FILE", help="audio files to talk about")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat-template", default=None, help="Jinja template file or text (default: the checkpoint's)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -90,6 +91,7 @@ def add_chat_parser(subparsers) -> None:
 def run_chat(args) -> int:
     import base64
 
+    from hark.chat import read_chat_template
     from hark.llm import LLM
     from hark.sampling import SamplingParams
 
@@ -101,6 +103,7 @@ def run_chat(args) -> int:
                             "input_audio": {"data": data, "format": os.path.splitext(path)[1].lstrip(".") or "wav"}})
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    template = read_chat_template(args.chat_template)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.message] if args.message is not None else (line.strip() for line in sys.stdin)
     for text in turns:
@@ -109,7 +112,7 @@ def run_chat(args) -> int:
         content = audio_parts + ([{"type": "text", "text": text}] if text else [])
         audio_parts = []                          # the audio goes with the first turn only
         messages.append({"role": "user", "content": content})
-        answer = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+        answer = llm.chat(messages, params, use_tqdm=False, chat_template=template)[0].outputs[0].text
         messages.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
     return 0

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hark.audio import AudioLimits, load_audio
+from hark.chat import NO_CHAT_TEMPLATE
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
 
@@ -252,7 +253,7 @@ class AudioPromptProcessor:
             messages.append({"role": message["role"], "content": "\n".join(pieces)})
         template = chat_template or self.chat_template
         if template is None:
-            raise AudioPromptError("this model has no chat template; pass chat_template=... .")
+            raise AudioPromptError(NO_CHAT_TEMPLATE)
         text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
         prompt = {"prompt_token_ids": self.tokenizer.encode(self.token_text(text), add_special_tokens=False),

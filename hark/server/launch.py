@@ -1,8 +1,8 @@
 """`hark serve`: load the model(s), wrap each engine in an AsyncLLMEngine and run the app under uvicorn."""
 import json
 import logging
-import os
 
+from hark.chat import read_chat_template
 from hark.engine.async_engine import AsyncLLMEngine
 from hark.llm import LLM
 from hark.media import MediaPolicy
@@ -11,14 +11,6 @@ from hark.server.metrics import Metrics
 from hark.server.state import ServedModel
 
 DEFAULT_MODEL_NAME = "whisper-tiny.en"
-
-
-def _chat_template(value: str | None) -> str | None:
-    """--chat-template takes a Jinja file or the template text itself."""
-    if value is not None and os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return f.read()
-    return value
 
 
 def _limit_mm(value: str | None) -> dict | None:
@@ -45,7 +37,7 @@ def load_served_model(model: str | None, name: str, args, metrics: Metrics, poli
               allowed_media_domains=policy.allowed_domains, allowed_local_media_path=policy.allowed_local_root,
               enable_mm_embeds=args.enable_mm_embeds)
     return ServedModel(name, AsyncLLMEngine(llm.llm_engine), metrics, policy,
-                       max_queued_requests=args.max_queued_requests, chat_template=_chat_template(args.chat_template))
+                       max_queued_requests=args.max_queued_requests, chat_template=read_chat_template(args.chat_template))
 
 
 def build_server_app(args):
