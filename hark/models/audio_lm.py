@@ -3,6 +3,8 @@
 Subclasses build `audio_tower`, a projector and `language_model` (a hark Llama / Qwen2), then call
 `_bind_language_model()`; the engine's LM calls are delegated here.
 """
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -27,3 +29,19 @@ class AudioLanguageModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
+
+    @staticmethod
+    def _split_weights(weights: Iterable[tuple[str, torch.Tensor]], projector_prefix: str):
+        """(audio tower weights, projector state dict, LM weights), their prefixes taken off; a
+        weight under none of the three prefixes is an error."""
+        audio, projector, lm = [], {}, []
+        for name, tensor in weights:
+            if name.startswith("audio_tower."):
+                audio.append((name.removeprefix("audio_tower."), tensor))
+            elif name.startswith(projector_prefix):
+                projector[name.removeprefix(projector_prefix)] = tensor
+            elif name.startswith("language_model."):
+                lm.append((name.removeprefix("language_model."), tensor))
+            else:
+                raise ValueError(f"checkpoint has an unexpected weight {name!r}")
+        return audio, projector, lm

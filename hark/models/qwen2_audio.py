@@ -38,17 +38,8 @@ class Qwen2AudioForConditionalGeneration(AudioLanguageModel):
 
     # --- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        audio, projector, lm = [], {}, []
-        for name, tensor in weights:
-            name = legacy_name(name)
-            if name.startswith("audio_tower."):
-                audio.append((name.removeprefix("audio_tower."), tensor))
-            elif name.startswith("multi_modal_projector.linear."):
-                projector[name.removeprefix("multi_modal_projector.linear.")] = tensor
-            elif name.startswith("language_model."):
-                lm.append((name.removeprefix("language_model."), tensor))
-            else:
-                raise ValueError(f"checkpoint has an unexpected weight {name!r}")
+        audio, projector, lm = self._split_weights(((legacy_name(name), tensor) for name, tensor in weights),
+                                                   "multi_modal_projector.linear.")
         self.audio_tower.load_weights(audio)
         if set(projector) != {"weight", "bias"}:
             raise ValueError("checkpoint is missing multi_modal_projector.linear weights")

@@ -132,16 +132,8 @@ class UltravoxModel(AudioLanguageModel):
 
     # --- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        audio, projector, lm = [], {}, []
-        for name, tensor in weights:
-            if name.startswith("audio_tower."):
-                audio.append((name.removeprefix("audio_tower.").removeprefix("model.encoder."), tensor))
-            elif name.startswith("multi_modal_projector."):
-                projector[name.removeprefix("multi_modal_projector.")] = tensor
-            elif name.startswith("language_model."):
-                lm.append((name.removeprefix("language_model."), tensor))
-            else:
-                raise ValueError(f"checkpoint has an unexpected weight {name!r}")
+        audio, projector, lm = self._split_weights(weights, "multi_modal_projector.")
+        audio = [(name.removeprefix("model.encoder."), tensor) for name, tensor in audio]
         if not lm and self.config.text_model_id:
             lm = secondary_weights(self.config.text_model_id)
         if not audio and self.config.audio_model_id:
