@@ -1,4 +1,5 @@
-"""Whisper's audio encoder for audio LLMs: variable-length clips, batched without padding.
+"""Whisper's audio encoder: variable-length clips, batched without padding. Whisper itself uses it
+over whole 30 s windows; the audio LLMs over each clip's own length.
 
 Audio LLMs (Qwen2-Audio, Ultravox) feed the LM only the encoder frames that come from real
 audio, and those frames attend to real frames only (Qwen2-Audio masks the padding of its 30 s
