@@ -38,7 +38,7 @@ def build_chat_prompt(engine, conversation: list[dict], chat_template: str | Non
     return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text}
 
 
-def read_chat_template(value: str | None) -> str | None:
+def chat_template_option(value: str | None) -> str | None:
     """A --chat-template option: a Jinja file, or the template text itself."""
     if value is not None and os.path.isfile(value):
         with open(value, encoding="utf-8") as f:

@@ -91,7 +91,7 @@ def add_chat_parser(subparsers) -> None:
 def run_chat(args) -> int:
     import base64
 
-    from hark.chat import read_chat_template
+    from hark.chat import chat_template_option
     from hark.llm import LLM
     from hark.sampling import SamplingParams
 
@@ -103,7 +103,7 @@ def run_chat(args) -> int:
                             "input_audio": {"data": data, "format": os.path.splitext(path)[1].lstrip(".") or "wav"}})
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    template = read_chat_template(args.chat_template)
+    template = chat_template_option(args.chat_template)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.message] if args.message is not None else (line.strip() for line in sys.stdin)
     for text in turns:

@@ -2,7 +2,7 @@
 import json
 import logging
 
-from hark.chat import read_chat_template
+from hark.chat import chat_template_option
 from hark.engine.async_engine import AsyncLLMEngine
 from hark.llm import LLM
 from hark.media import MediaPolicy
@@ -37,7 +37,7 @@ def load_served_model(model: str | None, name: str, args, metrics: Metrics, poli
               allowed_media_domains=policy.allowed_domains, allowed_local_media_path=policy.allowed_local_root,
               enable_mm_embeds=args.enable_mm_embeds)
     return ServedModel(name, AsyncLLMEngine(llm.llm_engine), metrics, policy,
-                       max_queued_requests=args.max_queued_requests, chat_template=read_chat_template(args.chat_template))
+                       max_queued_requests=args.max_queued_requests, chat_template=chat_template_option(args.chat_template))
 
 
 def build_server_app(args):
