@@ -1,6 +1,7 @@
 """The `hark` command line: `hark transcribe FILE...`, `hark chat MODEL`, `hark serve MODEL`."""
 import argparse
 import os
+import re
 import sys
 
 from hark.transcribe.formats import EXTENSIONS, FORMATS
@@ -26,7 +27,7 @@ def add_transcribe_parser(subparsers) -> None:
     p.add_argument("--split", choices=("quiet", "speech"), default="quiet",
                    help="cut long audio at quiet points or around speech regions (VAD)")
     p.add_argument("--output-dir", default=None, help="write FILE's result to DIR/<name>.<ext> instead of stdout")
-    p.set_defaults(run=run_transcribe)
+    p.set_defaults(run=run_transcribe, parser=p)
 
 
 def run_transcribe(args) -> int:
@@ -85,7 +86,8 @@ def add_chat_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
-    p.set_defaults(run=run_chat)
+    add_vllm_engine_flags(p)
+    p.set_defaults(run=run_chat, parser=p)
 
 
 def run_chat(args) -> int:
@@ -101,7 +103,7 @@ def run_chat(args) -> int:
             data = base64.b64encode(f.read()).decode()
         audio_parts.append({"type": "input_audio",
                             "input_audio": {"data": data, "format": os.path.splitext(path)[1].lstrip(".") or "wav"}})
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, **vllm_engine_flags(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     template = chat_template_option(args.chat_template)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -127,11 +129,20 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("HARK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $HARK_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
-    p.add_argument("--transcription-model", default=None, metavar="WHISPER",
-                   help="also serve a Whisper checkpoint for /v1/audio/* ('default' for tiny.en)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model's name in the API (default: MODEL); further names are aliases")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences run at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation-config", default="auto",
+                   help="'auto' (the model's), or a folder whose generation_config.json replaces it")
+    p.add_argument("--transcription-model", default=None, metavar="WHISPER",
+                   help="also serve a Whisper checkpoint for /v1/audio/* ('default' for tiny.en); it answers "
+                        "to its name and to 'whisper-1'")
+    p.add_argument("--transcription-max-model-len", type=int, default=None,
+                   help="the transcription model's own max_model_len (default: its positions, 448 for Whisper)")
+    p.add_argument("--transcription-max-num-seqs", type=int, default=64, help="its sequences run at once")
+    p.add_argument("--transcription-dtype", default="auto", help="its dtype")
     p.add_argument("--limit-mm-per-prompt", default=None, help="JSON, e.g. '{\"audio\": 2}'")
     p.add_argument("--enable-mm-embeds", action="store_true", help="accept audio_embeds content parts")
     p.add_argument("--chat-template", default=None, help="Jinja template file or text (default: the checkpoint's)")
@@ -147,12 +158,53 @@ def add_serve_parser(subparsers) -> None:
                    help="seconds SIGTERM waits for in-flight requests")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.set_defaults(run=run_serve)
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
+    add_vllm_engine_flags(p)
+    p.add_argument("--disable-log-requests", action="store_true", help=argparse.SUPPRESS)   # hark logs none
+    p.set_defaults(run=run_serve, parser=p)
 
 
 def run_serve(args) -> int:
     from hark.server.launch import serve
     return serve(args)
+
+
+def add_vllm_engine_flags(p) -> None:
+    """vLLM's engine flags that hark takes so vLLM command lines run: they are no-ops here (noted once)."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run code shipped with the checkpoint (config, tokenizer)")
+    p.add_argument("--enforce-eager", action="store_true", help="accepted; hark always runs eagerly")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="accepted; hark sizes the KV cache by its own budget")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="must be 1")
+
+
+def vllm_engine_flags(args) -> dict:
+    return {"trust_remote_code": args.trust_remote_code, "enforce_eager": args.enforce_eager,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "tensor_parallel_size": args.tensor_parallel_size}
+
+
+HOSTNAME = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]+)?$")
+FILE_EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
+
+
+def fix_swallowed_positionals(args) -> None:
+    """Options with a list of values swallow a positional that follows them: `--allowed-media-domains
+    example.com MODEL`, `hark chat MODEL --audio a.wav "question"`. A value that cannot be what the option
+    takes (a hostname; an audio file) but is what the missing positional is, is moved back to it."""
+    if args.command == "serve" and args.allowed_media_domains:
+        domains = args.allowed_media_domains
+        if args.model is None and not HOSTNAME.match(domains[-1]):
+            args.model = domains.pop()
+        bad = [d for d in domains if not HOSTNAME.match(d)]
+        if bad:
+            args.parser.error(f"--allowed-media-domains takes host names (example.com, *.example.com), got "
+                              f"{', '.join(bad)}")
+    if args.command == "chat" and args.message is None and args.audio:
+        last = args.audio[-1]
+        if not os.path.exists(last) and (" " in last or not FILE_EXTENSION.match(os.path.splitext(last)[1])):
+            args.message = args.audio.pop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,13 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:         # reported by the subcommand, with its usage
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    fix_swallowed_positionals(args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, OSError) as e:   # anything the user can fix: bad or missing file, option, model
-        parser.exit(2, f"hark {args.command}: error: {e}\n")
+        args.parser.exit(2, f"hark {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

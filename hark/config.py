@@ -20,7 +20,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 4 * 2**30
     num_kv_blocks: int | None = None     # overrides the memory budget (tests use tiny values)
     enable_prefix_caching: bool = True
-    seed: int = 0
+    seed: int | None = 0                 # None: a different random stream each run
     limit_mm_per_prompt: dict | None = None
     max_audio_duration_s: float = 600.0
     encoder_cache_bytes: int = 512 * 2**20
@@ -28,6 +28,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     allowed_local_media_path: str | None = None
     allowed_media_domains: tuple = ()
+    generation_config: str = "auto"      # or a folder whose generation_config.json replaces the model's
 
     def __post_init__(self):
         if self.max_num_seqs < 1:

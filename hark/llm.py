@@ -3,34 +3,27 @@ from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from hark.config import EngineConfig
 from hark.engine.engine import LLMEngine
+from hark.engine_args import EngineArgs
 from hark.outputs import RequestOutput
 from hark.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, seed: int = 0, limit_mm_per_prompt: dict | None = None,
-                 block_size: int = 16, kv_cache_memory_bytes: int = 4 * 2**30, num_kv_blocks: int | None = None,
-                 device: str = "auto", **kwargs):
-        if model is None:
-            from hark.models.default import default_model_path
-            model = default_model_path()
-        config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
-                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              enable_prefix_caching=enable_prefix_caching, seed=seed,
-                              limit_mm_per_prompt=limit_mm_per_prompt, block_size=block_size,
-                              kv_cache_memory_bytes=kv_cache_memory_bytes, num_kv_blocks=num_kv_blocks,
-                              device=device, **kwargs)
-        self.llm_engine = LLMEngine(config)
+    """LLM(model, **engine_args): the arguments are EngineArgs' fields (model, dtype, max_model_len,
+    max_num_seqs, seed, limit_mm_per_prompt, ...); unknown ones raise ValueError listing the accepted."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.llm_engine = LLMEngine(args.engine_config())
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        if lora_request is not None:
+            raise ValueError("hark does not serve LoRA adapters; pass lora_request=None.")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)

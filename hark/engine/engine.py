@@ -23,7 +23,8 @@ logger = logging.getLogger("hark")
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        torch.manual_seed(config.seed)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         self.loaded = load_model(config)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -62,7 +63,11 @@ class LLMEngine:
                         self.max_concurrent_audio_requests())
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self._rng = torch.Generator()        # draws the seeds of requests that name none
+        if config.seed is None:
+            self._rng.seed()
+        else:
+            self._rng.manual_seed(config.seed)
         logger.info("hark engine: %s, %d KV blocks × %d tokens (%.0f MiB), max_model_len %d",
                     self.loaded.model_path, num_blocks, bs,
                     2 * self.runner.k_cache.numel() * dtype.itemsize / 2**20, self.max_model_len)

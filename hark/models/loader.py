@@ -88,6 +88,12 @@ def load_model(config) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path, trust_remote_code=config.trust_remote_code)
         weights = iter_checkpoint_weights(path)
         generation_config = _read_json(os.path.join(path, "generation_config.json"))
+    if config.generation_config not in ("auto", "vllm"):    # vLLM's --generation-config FOLDER
+        override = os.path.join(config.generation_config, "generation_config.json")
+        if not os.path.isfile(override):
+            raise ValueError(f"generation_config: {override} does not exist; pass 'auto' or a folder holding "
+                             f"generation_config.json.")
+        generation_config = {**generation_config, **_read_json(override)}
     archs = getattr(hf_config, "architectures", None) or []
     if not archs:
         raise ValueError(f"config.json in {path} names no architectures; hark supports "

@@ -59,7 +59,7 @@ class _Gate:
 
 def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None = None,
               max_upload_bytes: int = 25 * 2**20, body_read_timeout_s: float = 30.0) -> FastAPI:
-    by_name = {m.name: m for m in models}
+    by_name = {name: m for m in models for name in (m.name, *m.aliases)}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -102,8 +102,8 @@ def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None =
     async def list_models():
         now = int(time.time())
         return JSONResponse({"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": now, "owned_by": "hark",
-             "max_model_len": m.engine.engine.max_model_len} for m in models]})
+            {"id": name, "object": "model", "created": now, "owned_by": "hark",
+             "max_model_len": m.engine.engine.max_model_len} for name, m in by_name.items()]})
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):

@@ -3,6 +3,7 @@ import json
 import logging
 
 from hark.chat import chat_template_option
+from hark.cli import vllm_engine_flags
 from hark.engine.async_engine import AsyncLLMEngine
 from hark.llm import LLM
 from hark.media import MediaPolicy
@@ -11,6 +12,7 @@ from hark.server.metrics import Metrics
 from hark.server.state import ServedModel
 
 DEFAULT_MODEL_NAME = "whisper-tiny.en"
+WHISPER_ALIAS = "whisper-1"      # OpenAI's name for its Whisper model: clients written for OpenAI send it
 
 
 def _limit_mm(value: str | None) -> dict | None:
@@ -31,24 +33,30 @@ def media_policy(args) -> MediaPolicy:
                        allowed_local_root=args.allowed_local_media_path)
 
 
-def load_served_model(model: str | None, name: str, args, metrics: Metrics, policy: MediaPolicy) -> ServedModel:
-    llm = LLM(model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
-              device=args.device, limit_mm_per_prompt=_limit_mm(args.limit_mm_per_prompt),
-              allowed_media_domains=policy.allowed_domains, allowed_local_media_path=policy.allowed_local_root,
-              enable_mm_embeds=args.enable_mm_embeds)
-    return ServedModel(name, AsyncLLMEngine(llm.llm_engine), metrics, policy,
+def load_served_model(model: str | None, names: list[str], engine_args: dict, args, metrics: Metrics,
+                      policy: MediaPolicy) -> ServedModel:
+    llm = LLM(model, allowed_media_domains=policy.allowed_domains, allowed_local_media_path=policy.allowed_local_root,
+              device=args.device, seed=args.seed, generation_config=args.generation_config,
+              **vllm_engine_flags(args), **engine_args)
+    return ServedModel(names[0], AsyncLLMEngine(llm.llm_engine), metrics, policy, aliases=tuple(names[1:]),
                        max_queued_requests=args.max_queued_requests, chat_template=chat_template_option(args.chat_template))
 
 
 def build_server_app(args):
     policy = media_policy(args)
     metrics = Metrics()
-    name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL_NAME)
-    models = [load_served_model(args.model, name, args, metrics, policy)]
+    names = args.served_model_name or [args.model if args.model else DEFAULT_MODEL_NAME]
+    main_args = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+                     limit_mm_per_prompt=_limit_mm(args.limit_mm_per_prompt), enable_mm_embeds=args.enable_mm_embeds)
+    models = [load_served_model(args.model, names, main_args, args, metrics, policy)]
     if args.transcription_model:
-        models.append(load_served_model(None if args.transcription_model == "default" else args.transcription_model,
-                                        DEFAULT_MODEL_NAME if args.transcription_model == "default"
-                                        else args.transcription_model, args, metrics, policy))
+        # The transcription model has settings of its own: the main model's (say max_model_len 4096) rarely fit it.
+        default = args.transcription_model == "default"
+        whisper_args = dict(max_model_len=args.transcription_max_model_len, dtype=args.transcription_dtype,
+                            max_num_seqs=args.transcription_max_num_seqs)
+        models.append(load_served_model(None if default else args.transcription_model,
+                                        [DEFAULT_MODEL_NAME if default else args.transcription_model, WHISPER_ALIAS],
+                                        whisper_args, args, metrics, policy))
     return build_app(models, metrics, api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 2**20))
 
 
@@ -57,5 +65,5 @@ def serve(args) -> int:
     if args.max_queued_requests < 0 or args.shutdown_timeout < 0 or args.max_upload_mb <= 0:
         raise ValueError("--max-queued-requests and --shutdown-timeout must be ≥ 0, --max-upload-mb > 0")
     app = build_server_app(args)
-    run_server(app, args.host, args.port, args.shutdown_timeout)
+    run_server(app, args.host, args.port, args.shutdown_timeout, log_level=args.uvicorn_log_level)
     return 0

@@ -47,6 +47,7 @@ class ServedModel:
     media_policy: MediaPolicy = field(default_factory=MediaPolicy)
     max_queued_requests: int = 256
     chat_template: str | None = None
+    aliases: tuple = ()          # further names the model answers to (--served-model-name a b, whisper-1)
     in_flight: int = 0
 
     @property
