@@ -1,6 +1,8 @@
 """Turns OpenAI-style chat messages into a prompt through the checkpoint's chat template."""
 import os
 
+from hark.multimodal.content_parts import normalize_part
+
 NO_CHAT_TEMPLATE = ("this model has no chat template; pass one (chat_template=... in Python, "
                     "--chat-template FILE on the command line).")
 
@@ -13,7 +15,7 @@ def _text_of(content) -> str:
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
         raise ValueError("message content must be a string or a list of content-part objects.")
     parts = []
-    for part in content:
+    for part in map(normalize_part, content):
         if part.get("type") != "text":
             raise ValueError(f"content part type {part.get('type')!r} is not supported by this model; "
                              f"it takes text only.")

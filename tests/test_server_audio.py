@@ -87,7 +87,7 @@ def test_transcription_formats(client):
     verbose = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio),
                                                  response_format="verbose_json",
                                                  timestamp_granularities=["word", "segment"])
-    assert verbose.text == r.text and verbose.language == "en" and abs(verbose.duration - sf.info(wav).duration) < 0.01
+    assert verbose.text == r.text and verbose.language == "english" and abs(verbose.duration - sf.info(wav).duration) < 0.01
     assert 0.0 <= verbose.segments[0].start <= 0.5 and verbose.segments[-1].end <= verbose.duration + 0.5
     assert [w.word.strip() for w in verbose.words] == r.text.split()
     starts = [w.start for w in verbose.words]
@@ -105,7 +105,8 @@ def test_transcription_stream_and_long_audio(client):
     done = events[-1]
     assert done.type == "transcript.text.done" and "".join(e.delta for e in events[:-1]).strip() == done.text
     assert done.usage.seconds == int(np.ceil(len(long_audio) / 16000))
-    assert done.text == LLM().transcribe(long_audio).text      # the server changes nothing
+    # A stream decodes each window once, without timestamps: as transcribe does with those options.
+    assert done.text == LLM().transcribe(long_audio, timestamps=False, temperature=0.0).text
     reference = " ".join(" ".join(reference_words(w)) for w in WAVS * 2)
     assert jiwer.wer(reference, " ".join(words_of(done.text.replace("Mr.", "mister")))) < 0.3
 
@@ -131,18 +132,35 @@ def test_concurrent_uploads_decode_in_the_same_steps(whisper_server):
     assert min(tokens) > 20 and steps < sum(tokens), (steps, tokens)
 
 
-def test_stream_sends_each_window_once_final(client, whisper_server, paused_speech):
+def test_stream_sends_tokens_as_they_are_sampled(client, whisper_server, paused_speech):
     _, engine = whisper_server
-    events, busy_at_first_delta = [], None
-    for event in client.audio.transcriptions.create(model="whisper-1", file=("a.wav", paused_speech), stream=True):
+    events, busy = [], False
+    stream = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", paused_speech), stream=True,
+                                                include=["logprobs"])
+    for event in stream:
         if not events:
-            busy_at_first_delta = engine.engine.has_unfinished_requests()
+            busy = engine.engine.has_unfinished_requests()      # the first delta comes while windows decode
         events.append(event)
-    assert busy_at_first_delta        # the later windows were still decoding
     deltas, done = events[:-1], events[-1]
-    assert len(deltas) >= 2 and all(e.type == "transcript.text.delta" for e in deltas)
+    assert busy and all(e.type == "transcript.text.delta" for e in deltas)
     assert done.type == "transcript.text.done" and "".join(e.delta for e in deltas).strip() == done.text
-    assert deltas[0].delta.startswith("He was not") and done.usage.seconds == 79
+    words = done.text.split()
+    assert len(deltas) > len(words) / 2          # about a token per delta, not a window per delta
+    assert deltas[0].delta.startswith("He") and done.usage.seconds == 79
+    logprobs = [lp for e in deltas for lp in e.logprobs]
+    assert "".join(lp.token for lp in logprobs).strip() == done.text == "".join(
+        bytes(b for lp in done.logprobs for b in lp.bytes).decode()).strip()
+    assert all(lp.logprob <= 0 for lp in logprobs)
+
+
+def test_json_logprobs_and_the_whisper_1_alias(client):
+    with open(WAVS[1], "rb") as f:
+        audio = f.read()
+    r = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="json",
+                                           include=["logprobs"])
+    assert "".join(lp.token for lp in r.logprobs).strip() == r.text and all(lp.logprob <= 0 for lp in r.logprobs)
+    plain = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="json")
+    assert plain.text == r.text and getattr(plain, "logprobs", None) is None
 
 
 def test_disconnect_aborts_the_window_decodes(whisper_server, paused_speech):

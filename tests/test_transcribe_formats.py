@@ -57,7 +57,7 @@ def test_json_and_verbose_json_shapes(transcription):
     assert json.loads(format_transcription(transcription, "json")) == {"text": transcription.text}
     body = json.loads(format_transcription(transcription, "verbose_json"))
     assert set(body) == {"task", "language", "duration", "text", "segments", "words"}
-    assert body["task"] == "transcribe" and body["language"] == "en" and body["duration"] == 3662.0
+    assert body["task"] == "transcribe" and body["language"] == "english" and body["duration"] == 3662.0
     assert set(body["segments"][0]) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
                                         "compression_ratio", "no_speech_prob"}
     assert body["words"] == [{"word": " He", "start": 0.0, "end": 0.4, "probability": 0.9},

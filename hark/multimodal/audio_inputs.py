@@ -33,6 +33,7 @@ from hark.audio import AudioLimits, load_audio
 from hark.chat import NO_CHAT_TEMPLATE
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
+from hark.multimodal.content_parts import AUDIO_KINDS, normalize_part
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
@@ -172,6 +173,8 @@ class AudioPromptProcessor:
                                    f"(or 'audio_embeds' with enable_mm_embeds=True).")
         audios = data["audio"] if isinstance(data.get("audio"), list) else [data["audio"]] if "audio" in data else []
         embeds = [e for x in as_list(data.get("audio_embeds")) for e in split_embeds(x)]
+        if is_embeddings(data.get("audio")):      # vLLM passes embeddings as "audio": tensor [B, n, H] or [[n, H], ...]
+            embeds, audios = embeds + [e for x in audios for e in split_embeds(x)], []
         if audios and embeds:
             raise AudioPromptError("a prompt takes either 'audio' or 'audio_embeds', not both.")
         count = len(audios) + len(embeds)
@@ -236,19 +239,19 @@ class AudioPromptProcessor:
                 messages.append({"role": message["role"], "content": content or ""})
                 continue
             pieces = []
-            for part in content:
+            for part in map(normalize_part, content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
                     pieces.append(part.get("text", ""))
                     continue
-                if kind in ("input_audio", "audio_url"):
+                if kind in AUDIO_KINDS:
                     audios.append(read_audio_part(part, self.media_policy))
                     uuids.append(part.get("uuid"))
                 elif kind == "audio_embeds":
                     embeds.append(read_embeds_part(part))
                 else:
-                    raise AudioPromptError(f"content part type {kind!r} is not supported; use text, input_audio, "
-                                           f"audio_url or audio_embeds.")
+                    raise AudioPromptError(f"content part {_describe(part)} is not supported; use text, input_audio, "
+                                           f"audio_url, audio or audio_embeds.")
                 pieces.append(self.chat_placeholder(len(audios) + len(embeds)))
             messages.append({"role": message["role"], "content": "\n".join(pieces)})
         template = chat_template or self.chat_template
@@ -280,14 +283,24 @@ def read_chat_template(model_path: str) -> str | None:
     return None
 
 
-def read_audio_part(part: dict, policy: MediaPolicy) -> bytes | None:
-    """The encoded audio of an input_audio / audio_url part (None: a uuid reference without media)."""
+def _describe(part) -> str:
+    if isinstance(part, dict) and part.get("type") is not None:
+        return f"type {part['type']!r}"
+    keys = sorted(part) if isinstance(part, dict) else []
+    return f"with keys {keys} and no type" if keys else repr(part)
+
+
+def read_audio_part(part: dict, policy: MediaPolicy):
+    """The audio of an input_audio / audio_url / audio part: encoded bytes, or the samples an audio part
+    holds (None: a uuid reference without media)."""
     kind = part["type"]
     spec = part.get(kind)
     if spec is None:
         if part.get("uuid") is None:
             raise AudioPromptError(f"a {kind} content part needs its '{kind}' field.")
         return None
+    if kind == "audio":
+        return spec         # samples, (samples, rate) or bytes: load_audio reads them
     if kind == "input_audio":
         if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
             raise AudioPromptError("input_audio must be {'data': <base64 audio>, 'format': 'wav' | 'mp3' | ...}.")
@@ -307,6 +320,13 @@ def read_embeds_part(part: dict):
         return torch.load(io.BytesIO(base64.b64decode(value, validate=True)), map_location="cpu", weights_only=True)
     except Exception:      # bad base64, not a torch.save file, or anything weights_only refuses
         raise AudioPromptError("audio_embeds must be a tensor, or base64 of a tensor saved with torch.save.") from None
+
+
+def is_embeddings(audio) -> bool:
+    """vLLM's rule: a 3-D torch tensor, or a list of 2-D torch tensors, is embeddings, not samples."""
+    if isinstance(audio, torch.Tensor):
+        return audio.ndim == 3
+    return isinstance(audio, list) and bool(audio) and all(isinstance(a, torch.Tensor) and a.ndim == 2 for a in audio)
 
 
 def split_embeds(value) -> list:

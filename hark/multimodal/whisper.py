@@ -6,6 +6,7 @@ Accepts vLLM's two prompt styles:
    "decoder_prompt": "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"}  (or token ids)
 """
 import numpy as np
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from hark.audio import load_audio
 from hark.audio.mel import log_mel_spectrogram
@@ -28,6 +29,11 @@ class WhisperProcessor:
         self.n_frames = 2 * hf_config.max_source_positions
         self.max_samples = self.n_frames * HOP_LENGTH  # 30 s
         self.start_token = hf_config.decoder_start_token_id
+        # English-only checkpoints were trained on <|startoftranscript|> without language and task tokens;
+        # the multilingual prompt makes them end at once, so those tokens are dropped for them.
+        self.english_only = hf_config.vocab_size < 51865
+        self.implied = _token_ids(tokenizer, ["<|en|>", "<|transcribe|>"])
+        self.refused = _token_ids(tokenizer, [f"<|{code}|>" for code in LANGUAGES if code != "en"] + ["<|translate|>"])
 
     def process(self, prompt: str | dict) -> ProcessedPrompt:
         if not isinstance(prompt, dict):
@@ -44,6 +50,8 @@ class WhisperProcessor:
         else:
             encoder, decoder = prompt, prompt.get("prompt", prompt.get("prompt_token_ids"))
         token_ids, text = self._decoder_tokens(decoder)
+        if self.english_only:
+            token_ids = self._english_only(token_ids)
         item = self._audio_item(encoder)
         return ProcessedPrompt(prompt_token_ids=token_ids, audio_items=[item], placeholder_offsets=[0], prompt=text)
 
@@ -59,6 +67,18 @@ class WhisperProcessor:
         if any(not 0 <= t < len(self.tokenizer) for t in ids):
             raise WhisperPromptError(f"decoder prompt token ids must lie in [0, {len(self.tokenizer)}).")
         return ids, None
+
+    def _english_only(self, ids: list[int]) -> list[int]:
+        if self.start_token not in ids:
+            return ids
+        start = ids.index(self.start_token) + 1
+        end = start
+        while end < len(ids) and (ids[end] in self.implied or ids[end] in self.refused):
+            if ids[end] in self.refused:
+                raise WhisperPromptError("this Whisper model is English-only: it cannot take another language or "
+                                         "<|translate|>; use a multilingual checkpoint.")
+            end += 1
+        return ids[:start] + ids[end:]
 
     def _audio_item(self, encoder: dict) -> AudioItem:
         audio = (encoder.get("multi_modal_data") or {}).get("audio")
@@ -82,3 +102,9 @@ class WhisperProcessor:
         if isinstance(uuid, list):
             uuid = uuid[0] if uuid else None
         return str(uuid) if uuid is not None else hash_audio(samples, SAMPLE_RATE, self.model_id)
+
+
+def _token_ids(tokenizer, tokens: list[str]) -> set[int]:
+    """The ids of those of `tokens` the tokenizer has (unknown ones map to <|endoftext|>, left out)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+    return {i for t, i in ids.items() if i is not None and tokenizer.convert_ids_to_tokens(i) == t}

@@ -4,8 +4,8 @@ The upload is decoded and cut into windows off the event loop, under the transcr
 (hark.transcribe.TranscriptionRun). Each window's decode is an engine request like any other, so the
 windows of every upload share the engine's batches with each other and with all other requests. What
 the run does between decodes (dense probes, word alignment, choosing retries and tails) runs as short
-jobs in the engine thread. With stream=true each window's text is sent as soon as it and every window
-before it are final. A client that goes away aborts the decodes still running.
+jobs in the engine thread. With stream=true the text is sent token by token as it is sampled
+(hark.server.transcript_stream). A client that goes away aborts the decodes still running.
 """
 import asyncio
 import math
@@ -21,6 +21,7 @@ from hark.engine.async_engine import AsyncLLMEngine
 from hark.server.completions import sse, unless_disconnected
 from hark.server.errors import APIError, error_body, to_api_error
 from hark.server.state import Admission, ServedModel
+from hark.server.transcript_stream import logprob_entries, stream_transcript
 from hark.transcribe import FORMATS, Transcription, TranscriptionOptions, format_transcription
 from hark.transcribe.formats import verbose_json
 from hark.transcribe.pipeline import TranscriptionRun, WindowRequest
@@ -40,6 +41,7 @@ class TranscriptionForm:
     granularities: list[str] = field(default_factory=list)
     temperature: float | None = None
     stream: bool = False
+    logprobs: bool = False          # include[]=logprobs
 
 
 def _field(form, name: str) -> str | None:
@@ -81,10 +83,15 @@ async def read_form(request: Request) -> TranscriptionForm:
         if stream == "true" and response_format not in ("json", "text"):
             raise APIError(400, "stream=true gives transcript events; use response_format json or text",
                            param="stream")
+        include = form.getlist("include[]") or form.getlist("include")
+        if any(i != "logprobs" for i in include):
+            raise APIError(400, "include[] takes logprobs", param="include[]")
+        if include and response_format != "json" and stream != "true":
+            raise APIError(400, "include[]=logprobs needs response_format=json (or stream=true)", param="include[]")
         return TranscriptionForm(audio=data, model=_field(form, "model"), language=_field(form, "language"),
                                  prompt=_field(form, "prompt"), response_format=response_format,
                                  granularities=list(granularities), temperature=temperature,
-                                 stream=stream == "true")
+                                 stream=stream == "true", logprobs=bool(include))
 
 
 def usage(t: Transcription) -> dict:
@@ -96,20 +103,26 @@ async def transcribe(served: ServedModel, form: TranscriptionForm, task: str, re
     limits = replace(TRANSCRIPTION_LIMITS, max_input_bytes=cap)
     # OpenAI: temperature 0 (the default) lets the decoder raise it on failure; another value is used as is.
     temperature = {"temperature": form.temperature} if form.temperature else {}
+    if form.stream:     # each window decoded once, tokens sent as sampled (hark.server.transcript_stream)
+        temperature = {"temperature": form.temperature or 0.0, "timestamps": False, "best_of": 1}
     words = "word" in form.granularities
     opts = TranscriptionOptions(language=form.language, task=task, word_timestamps=words,
-                                initial_prompt=form.prompt, **temperature)
+                                initial_prompt=form.prompt, logprobs=form.logprobs, **temperature)
 
     with served.admit() as ticket:
         run = await asyncio.to_thread(TranscriptionRun, served.engine.engine, [form.audio], opts, limits)
         form.audio = b""
         if form.stream:
             ticket.keep()
-            return StreamingResponse(_events(served, ticket, run), media_type="text/event-stream")
+            return StreamingResponse(_events(served, ticket, run, form.logprobs), media_type="text/event-stream")
         result = await unless_disconnected(request, _transcribe(served, run))
 
     if form.response_format == "json":
-        return JSONResponse({"text": result.text, "usage": usage(result)})
+        body = {"text": result.text, "usage": usage(result)}
+        if form.logprobs:
+            pairs = [p for w in run.timelines[0] for p in run.text_logprobs(w)]
+            body["logprobs"] = logprob_entries(served.tokenizer, pairs)
+        return JSONResponse(body)
     if form.response_format == "verbose_json":
         body = verbose_json(result)
         if words and "segment" not in form.granularities:
@@ -163,19 +176,25 @@ async def _transcribe(served: ServedModel, run: TranscriptionRun) -> Transcripti
     return await _result(served, run)
 
 
-async def _events(served: ServedModel, ticket: Admission, run: TranscriptionRun) -> AsyncIterator[str]:
-    """OpenAI's transcript events: a delta per piece of final text, then the whole text with usage. An error
-    mid-stream becomes an error event."""
-    texts = _decode_windows(served.engine, run)
+async def _events(served: ServedModel, ticket: Admission, run: TranscriptionRun, logprobs: bool) -> AsyncIterator[str]:
+    """OpenAI's transcript events (a delta per piece of text as it is sampled, then the whole text with
+    usage), each with vLLM's "choices" too. An error mid-stream becomes an error event."""
+    deltas = stream_transcript(served.engine, run)
+    sent = []
     try:
-        async for text in texts:
-            yield sse({"type": "transcript.text.delta", "delta": text, "logprobs": None})
+        async for d in deltas:
+            entries = logprob_entries(served.tokenizer, d.tokens) if logprobs else None
+            sent += entries or []
+            yield sse({"type": "transcript.text.delta", "delta": d.text, "logprobs": entries,
+                       "choices": [{"index": 0, "delta": {"content": d.text}, "finish_reason": None}]})
         result = await _result(served, run)
-        yield sse({"type": "transcript.text.done", "text": result.text, "logprobs": None, "usage": usage(result)})
+        yield sse({"type": "transcript.text.done", "text": result.text, "logprobs": sent if logprobs else None,
+                   "usage": usage(result),
+                   "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}]})
     except Exception as e:  # the headers are gone: report in-band
         err = to_api_error(e)
         yield sse(error_body(err.status, err.message, err.param, err.code))
     finally:
-        await texts.aclose()
+        await deltas.aclose()
         ticket.release()
     yield sse("[DONE]")

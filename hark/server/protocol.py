@@ -48,7 +48,7 @@ class _Sampling(BaseModel):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str | None = None          # vLLM's short parts ({"audio_url": url}) have none
 
 
 class ChatMessage(BaseModel):

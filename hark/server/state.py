@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from hark.chat import build_chat_prompt
 from hark.engine.async_engine import AsyncLLMEngine
 from hark.media import MediaPolicy, afetch_media
+from hark.multimodal.content_parts import normalize_part
 from hark.outputs import RequestOutput
 from hark.server.errors import APIError
 from hark.server.metrics import Metrics
@@ -76,7 +77,7 @@ class ServedModel:
         if not isinstance(message, dict) or not isinstance(message.get("content"), list):
             return message
         parts = []
-        for part in message["content"]:
+        for part in map(normalize_part, message["content"]):
             if isinstance(part, dict) and part.get("type") == "audio_url":
                 url = (part.get("audio_url") or {}).get("url") if isinstance(part.get("audio_url"), dict) else None
                 if not isinstance(url, str):

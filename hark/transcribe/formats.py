@@ -2,6 +2,8 @@
 import json
 from dataclasses import asdict
 
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
 from hark.transcribe.result import Transcription
 from hark.transcribe.options import InvalidTranscriptionRequest
 
@@ -11,7 +13,9 @@ EXTENSIONS = {"text": "txt", "json": "json", "verbose_json": "json", "srt": "srt
 
 def verbose_json(t: Transcription) -> dict:
     segments = [{k: v for k, v in asdict(s).items() if k != "words"} for s in t.segments]
-    body = {"task": t.task, "language": t.language, "duration": round(t.duration, 3), "text": t.text,
+    # OpenAI's shape names the language ("english"), where Transcription.language holds its code.
+    body = {"task": t.task, "language": LANGUAGES.get(t.language, t.language), "duration": round(t.duration, 3),
+            "text": t.text,
             "segments": segments}
     if t.words is not None:
         body["words"] = [asdict(w) for w in t.words]

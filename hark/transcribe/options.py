@@ -27,6 +27,7 @@ class TranscriptionOptions:
     max_initial_timestamp: float = 1.0
     split: str = "quiet"                    # long audio: cut at quiet points, or "speech" regions (VAD)
     seed: int | None = 0                    # for temperatures > 0
+    logprobs: bool = False                  # keep each decoded token's log-probability (Window.token_logprobs)
 
     def __post_init__(self):
         temps = (self.temperature,) if isinstance(self.temperature, (int, float)) else tuple(self.temperature)

@@ -57,6 +57,7 @@ class Window:
     processed: ProcessedPrompt | None = None
     no_speech_prob: float = math.nan      # from the dense probe, when one ran
     decode: WindowDecode | None = None
+    token_logprobs: list[float] | None = None   # per token of decode.tokens, with opts.logprobs
     final: bool = False                   # decoded for good: segments (and tail) are set
     tail: "Window | None" = None          # the audio after the last finished segment, when the decode stopped early
     segments: list[Segment] = field(default_factory=list)
@@ -182,6 +183,8 @@ class TranscriptionRun:
             w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
                                       completion.cumulative_logprob,
                                       request.probe.prob if request.probe else w.no_speech_prob)
+            if completion.logprobs is not None:
+                w.token_logprobs = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
             if request.attempt + 1 < len(opts.temperature) and needs_fallback(w.decode, opts):
                 retries.append(self._decode(w, request.attempt + 1))
                 continue
@@ -212,6 +215,12 @@ class TranscriptionRun:
             text = text.lstrip()
             self.text_started[source] = bool(text)
         return text
+
+    def text_logprobs(self, w: Window) -> list[tuple[int, float]]:
+        """(token id, log-probability) of each text token of a final window's segments (opts.logprobs)."""
+        if not w.segments or w.token_logprobs is None:
+            return []
+        return [(t, lp) for t, lp in zip(w.decode.tokens, w.token_logprobs) if t < self.vocab.eot]
 
     def results(self) -> list[Transcription]:
         """One Transcription per input, once every window is final; word timings (dense decoder runs)
@@ -261,7 +270,8 @@ class TranscriptionRun:
         temperature = opts.temperature[attempt]
         params = SamplingParams(
             n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
-            seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors)
+            seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors,
+            logprobs=0 if opts.logprobs else None)
         return WindowRequest(w, attempt, params, probe)
 
     def _segments(self, w: Window) -> list[Segment]:
