@@ -45,3 +45,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     encoder_prompt_token_ids: list[int] | None = field(default=None, repr=False)
+    encoder_prompt: str | None = None        # encoder-decoder models (Whisper): the encoder's text prompt, ''

@@ -79,7 +79,7 @@ class Reference:
         return out[0].tolist()
 
 
-def make_tiny_ultravox(path: str, ln_mid: bool, separate_lm: bool) -> Reference:
+def make_tiny_ultravox(path: str, ln_mid: bool, separate_lm: bool, max_positions: int = 2048) -> Reference:
     """Writes an Ultravox checkpoint; with separate_lm the LM lives in its own folder named by
     text_model_id (as the published checkpoints name meta-llama's)."""
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
@@ -88,7 +88,7 @@ def make_tiny_ultravox(path: str, ln_mid: bool, separate_lm: bool) -> Reference:
     audio_config = WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
                                  num_mel_bins=80, max_source_positions=1500)
     text_config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                               tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
                               architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)

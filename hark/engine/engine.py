@@ -229,7 +229,8 @@ class LLMEngine:
         return RequestOutput(request.request_id, p.prompt, p.prompt_token_ids, outs, request.finished,
                              prompt_logprobs=request.prompt_logprobs, metrics=request.metrics,
                              num_cached_tokens=request.metrics.num_cached_tokens,
-                             encoder_prompt_token_ids=p.encoder_prompt_token_ids)
+                             encoder_prompt_token_ids=p.encoder_prompt_token_ids,
+                             encoder_prompt="" if self.model.is_encoder_decoder else None)
 
     # --- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
