@@ -51,6 +51,7 @@ class Sequence:
     num_cached_tokens: int = 0
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] | None = None
+    grammar: object | None = None               # structured outputs: this sample's xgrammar GrammarMatcher
     # detokenizer state
     text: str = ""
     prefix_offset: int = 0
