@@ -33,17 +33,18 @@ def _clean(error: Exception) -> str:
 
 
 # one character a JSON string holds unescaped: no control character, quote, backslash or surrogate
-_JSON_CHAR = r"^[ !#-\[\]-\ud7ff\ue000-\U0010ffff]"
+# (the range ends are the characters themselves: xgrammar's regex reads no \U escape)
+_JSON_CHAR = "^[ !#-\\[\\]-\ud7ff\ue000-\U0010ffff]"
 _DATA_KEYS = {"enum", "const", "default", "examples"}     # values, not subschemas
 
 
-def _json_safe_strings(schema):
+def json_safe_schema(schema):
     """schema with the length bounds of its strings written as patterns (see the module doc)."""
     if isinstance(schema, list):
-        return [_json_safe_strings(s) for s in schema]
+        return [json_safe_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in _DATA_KEYS else _json_safe_strings(v) for k, v in schema.items()}
+    out = {k: v if k in _DATA_KEYS else json_safe_schema(v) for k, v in schema.items()}
     bounded = "minLength" in out or "maxLength" in out
     if out.get("type") == "string" and bounded and "pattern" not in out:
         low, high = out.pop("minLength", 0), out.pop("maxLength", "")
@@ -70,7 +71,7 @@ class StructuredOutputs:
         kind, value = spec.kind, getattr(spec, spec.kind)
         try:
             if kind in ("json", "json_object"):
-                schema = _json_safe_strings(value) if kind == "json" else {"type": "object"}
+                schema = json_safe_schema(value) if kind == "json" else {"type": "object"}
                 return self.compiler.compile_json_schema(
                     json.dumps(schema), any_whitespace=not spec.disable_any_whitespace,
                     max_whitespace_cnt=None if spec.disable_any_whitespace else MAX_WHITESPACE,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from hark.audio import AudioLimits, load_audio
-from hark.chat import NO_CHAT_TEMPLATE
+from hark.chat import NO_CHAT_TEMPLATE, template_message
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
 
@@ -233,7 +233,7 @@ class AudioPromptProcessor:
         for message in conversation:
             content = message.get("content")
             if content is None or isinstance(content, str):
-                messages.append({"role": message["role"], "content": content or ""})
+                messages.append(template_message(message, content or ""))
                 continue
             pieces = []
             for part in content:
@@ -250,7 +250,7 @@ class AudioPromptProcessor:
                     raise AudioPromptError(f"content part type {kind!r} is not supported; use text, input_audio, "
                                            f"audio_url or audio_embeds.")
                 pieces.append(self.chat_placeholder(len(audios) + len(embeds)))
-            messages.append({"role": message["role"], "content": "\n".join(pieces)})
+            messages.append(template_message(message, "\n".join(pieces)))
         template = chat_template or self.chat_template
         if template is None:
             raise AudioPromptError(NO_CHAT_TEMPLATE)
