@@ -165,3 +165,22 @@ def test_requests_that_cannot_be_honoured_are_400(url, body, param, words):
     assert "cpp" not in error["message"] and "Traceback" not in error["message"]
     if param:
         assert error["param"] == param
+
+
+def test_tool_call_parser_whole_and_split_anywhere():
+    from hark.server.tools import ToolCallParser, parse_tool_calls
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "utc"}}\n</tool_call>'
+            '<tool_call>not json</tool_call> <tool')
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me look.\n\n<tool_call>not json</tool_call> <tool"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "utc"})]
+    for cut in range(len(text) + 1):
+        parser = ToolCallParser()
+        events = parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish()
+        assert "".join(e.get("content", "") for e in events).strip() == content
+        assert [(e["index"], e["tool_call"]["function"]) for e in events if "tool_call" in e] == [
+            (i, c["function"]) for i, c in enumerate(calls)]
+    unclosed = parse_tool_calls('<tool_call>\n{"name": "get_time", "arguments": {"zone": "cet"}}')
+    assert unclosed[0] is None and unclosed[1][0]["function"]["name"] == "get_time"

@@ -186,9 +186,9 @@ class LLMEngine:
         moved = {}
         if result.sample_rows:
             seqs = [batch.seqs[i] for i in result.sample_rows]
-            bitmask = self.structured_outputs.bitmask([s.grammar for s in seqs]) if any(
+            grammar_mask = self.structured_outputs.bitmask([s.grammar for s in seqs]) if any(
                 s.grammar is not None for s in seqs) else None
-            sampled = sampler.sample(result.logits, seqs, self.eos_token_ids, bitmask)
+            sampled = sampler.sample(result.logits, seqs, self.eos_token_ids, grammar_mask)
             for row, seq in enumerate(seqs):
                 self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
                 moved[id(seq.request)] = seq.request

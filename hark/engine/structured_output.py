@@ -16,6 +16,7 @@ xgrammar's byte-level strings otherwise admit (each decodes to several U+FFFD).
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -89,20 +90,26 @@ class StructuredOutputs:
     def matcher(self, spec: StructuredOutputsParams):
         return self.xgr.GrammarMatcher(self.compile(spec))
 
-    def bitmask(self, matchers: list) -> torch.Tensor | None:
-        """The packed allowed-token masks of a batch (rows whose matcher is None allow everything), or
-        None when no row is constrained."""
+    def bitmask(self, matchers: list) -> "GrammarMask | None":
+        """What the matchers of a batch allow next (None entries: unconstrained rows), or None when no
+        row is constrained."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
         mask = self.xgr.allocate_token_bitmask(len(matchers), self.vocab_size)   # all allowed
         for i in rows:
             matchers[i].fill_next_token_bitmask(mask, i)
-        return mask
+        return GrammarMask(mask, rows)
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Sets the logits of the tokens a grammar forbids to -inf, in place."""
-    import xgrammar as xgr
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                    vocab_size=min(logits.shape[-1], bitmask.shape[-1] * 32))
+@dataclass
+class GrammarMask:
+    bitmask: torch.Tensor        # int32 [batch, ceil(vocab / 32)], one bit per token
+    rows: list[int]              # the constrained rows
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Sets the logits of the tokens the grammars forbid to -inf, in place (xgrammar's kernel)."""
+        import xgrammar as xgr
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device, non_blocking=True),
+                                        vocab_size=min(logits.shape[-1], self.bitmask.shape[-1] * 32),
+                                        indices=self.rows if len(self.rows) < logits.shape[0] else None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from hark.engine.request import Sequence
-from hark.engine.structured_output import apply_bitmask
+from hark.engine.structured_output import GrammarMask
 from hark.outputs import Logprob
 
 
@@ -83,12 +83,12 @@ def _top_logprobs(logprobs_row: torch.Tensor, token: int, k: int) -> dict[int, L
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
-           grammar_bitmask: torch.Tensor | None = None) -> SampleResult:
-    """grammar_bitmask: the packed masks of the rows' grammars (StructuredOutputs.bitmask), if any."""
+           grammar_mask: GrammarMask | None = None) -> SampleResult:
+    """grammar_mask: what the rows' grammars allow (StructuredOutputs.bitmask), if any row has one."""
     logits = logits.float()
     _apply_constraints(logits, seqs, eos_ids)
-    if grammar_bitmask is not None:
-        apply_bitmask(logits, grammar_bitmask)
+    if grammar_mask is not None:
+        grammar_mask.apply(logits)
     logprobs = torch.log_softmax(logits, dim=-1)
     _apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1).tolist()
