@@ -112,3 +112,15 @@ def test_bad_specs_raise_value_error(llm, kwargs, message):
 def test_min_tokens_with_a_grammar_is_refused():
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+"))
+
+
+def test_preempted_requests_keep_their_grammar_state(qwen2_ckpt, llm):
+    small = LLM(qwen2_ckpt[0], max_model_len=64, max_num_seqs=8, num_kv_blocks=5)
+    grammar = StructuredOutputsParams(regex="([a-z]{3} ){20}")
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=60, structured_outputs=grammar) for i in range(4)]
+    outs = small.generate(["x"] * 4, params, use_tqdm=False)
+    assert small.llm_engine.stats()["num_preemptions"] > 0
+    roomy = llm.generate(["x"] * 4, params, use_tqdm=False)
+    for out, want in zip(outs, roomy):
+        assert re.fullmatch("([a-z]{3} ){20}", out.outputs[0].text) and out.outputs[0].finish_reason == "stop"
+        assert out.outputs[0].text == want.outputs[0].text
