@@ -16,6 +16,10 @@ precomputed LM-space embeddings instead of audio.
 Long audio: the encoder sees at most 30 s. A longer clip is split into consecutive 30 s chunks,
 each encoded on its own; their embeddings follow one another over the clip's single placeholder.
 
+Sizes are transformers': a clip of L samples has ceil(L / 160) valid mel frames (a last partial
+hop counts; hark.audio.mel.valid_frames), chunk k holds min(3000, that - 3000 k) of them, and the
+model family turns a chunk's valid frames into its number of embeddings (num_embeds).
+
 Errors a user can cause (placeholders and audios that do not match, too many audios, unknown
 uuids, bad embeddings, unreadable media) are ValueErrors raised before anything is scheduled.
 """
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from hark.audio import AudioLimits, load_audio
+from hark.audio.mel import valid_frames
 from hark.chat import NO_CHAT_TEMPLATE
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
@@ -81,7 +86,8 @@ class AudioPromptProcessor:
     """The prompt processor of a decoder-only audio LLM. A model family sets:
 
     chat_placeholder(i): what a chat message holds for its i-th audio (1-based)
-    audio_features(samples): (features the encoder needs, valid mel frames) for <= 30 s of audio
+    encoder_inputs(samples): [(features the encoder needs, valid mel frames)], one per 30 s chunk
+        of a clip (16 kHz), the frames as chunk_frames(len(samples)) counts them
     num_embeds(mel_frames): LM embeddings the encoder yields for that many valid mel frames
     """
     placeholder_text: str        # the text a prompt writes for one audio
@@ -116,10 +122,12 @@ class AudioPromptProcessor:
     # --- sizes --------------------------------------------------------------------------------
     def audio_tokens(self, duration_s: float) -> int:
         """Prompt tokens a clip of duration_s seconds occupies (all its 30 s chunks)."""
-        samples = int(round(duration_s * SAMPLE_RATE))
-        full, rest = divmod(samples, self.window_samples)
-        tokens = full * self.num_embeds(self.window_frames)
-        return tokens + (self.num_embeds(rest // HOP_LENGTH) if rest >= HOP_LENGTH else 0)
+        return sum(self.num_embeds(f) for f in self.chunk_frames(int(round(duration_s * SAMPLE_RATE))))
+
+    def chunk_frames(self, num_samples: int) -> list[int]:
+        """Valid mel frames of each 30 s chunk of a clip of num_samples samples."""
+        frames = valid_frames(num_samples)
+        return [min(self.window_frames, frames - start) for start in range(0, frames, self.window_frames)]
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
@@ -196,17 +204,15 @@ class AudioPromptProcessor:
             return items
         samples = load_audio(audio, target_sr=SAMPLE_RATE, limits=self.audio_limits)
         items = []
-        chunks = [samples[i: i + self.window_samples] for i in range(0, len(samples), self.window_samples)]
-        for k, chunk in enumerate(chunks):
-            features, frames = self.audio_features(chunk)
+        chunks = self.encoder_inputs(samples)
+        name = str(uuid) if uuid is not None else hash_audio(samples, SAMPLE_RATE, self.model_id)
+        for k, (features, frames) in enumerate(chunks):
             n = self.num_embeds(frames)
             if n == 0:          # a last chunk of a few ms adds nothing
                 continue
-            if uuid is None:
-                key = hash_audio(chunk, SAMPLE_RATE, self.model_id)
-            else:
-                key = str(uuid) if len(chunks) == 1 else f"{uuid}#{k}"
-            items.append(AudioItem(features, frames, key, n, len(chunk) / SAMPLE_RATE))
+            key = name if len(chunks) == 1 else f"{name}#{k}"   # a chunk's features may depend on the whole clip
+            seconds = min(self.window_samples, len(samples) - k * self.window_samples) / SAMPLE_RATE
+            items.append(AudioItem(features, frames, key, n, seconds))
         if not items:
             raise AudioPromptError(f"the audio is {len(samples) / SAMPLE_RATE * 1000:.0f} ms long, too short to "
                                    f"yield any audio embedding.")
