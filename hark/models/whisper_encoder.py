@@ -39,16 +39,18 @@ class EncoderAttention(nn.Module):
         self.qkv_proj = Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
         self.out_proj = Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        """x [N, D]: the frames of several clips one after another, spans[i] of clip i."""
+    def forward(self, x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """x [N, D]: the frames of several clips one after another; clip i has spans[i] = (frames,
+        keys): all its frames attend to its first `keys` frames."""
         # [3, 1, H, N, Dh]: 4-D, contiguous q/k/v so SDPA takes its flash CPU kernel (3-D inputs
         # fall back to the math path, measured 3x slower on a 30 s clip)
         qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
         qkv = qkv.contiguous().unsqueeze(1)
         out = torch.empty_like(qkv[0, 0])
         start = 0
-        for n in spans:
-            q, k, v = qkv[:, :, :, start:start + n].unbind(0)
+        for n, keys in spans:
+            q = qkv[0, :, :, start:start + n]
+            k, v = qkv[1:, :, :, start:start + keys].unbind(0)
             out[:, start:start + n] = F.scaled_dot_product_attention(q, k, v)[0]
             start += n
         return self.out_proj(out.transpose(0, 1).flatten(1))
@@ -63,7 +65,7 @@ class EncoderLayer(nn.Module):
         self.fc2 = Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), spans)
         return x + by_row_blocks(self.mlp, self.final_layer_norm(x), self.fc1.out_features)
 
@@ -74,6 +76,9 @@ class EncoderLayer(nn.Module):
 class WhisperAudioEncoder(nn.Module):
     """Per clip: mel [n_mels, f] whose first `mel_frames` frames are real audio -> [valid frames, D].
 
+    out_frames (per clip, default the valid frames): frames to return; those past the valid ones
+    are what an encoder over padded input, keys masked, computes at its padding positions
+    (Ultravox's projector stacks them into a padded last chunk's last embedding).
     avg_pool: Qwen2-Audio's stride-2 average pooling before the final layer norm (frames halve again).
     """
 
@@ -90,17 +95,19 @@ class WhisperAudioEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.avg_pool = avg_pool
 
-    def forward(self, features: list[torch.Tensor], mel_frames: list[int]) -> list[torch.Tensor]:
+    def forward(self, features: list[torch.Tensor], mel_frames: list[int],
+                out_frames: list[int] | None = None) -> list[torch.Tensor]:
         spans, frames = [], []
-        for mel, n in zip(features, mel_frames):
+        for i, (mel, n) in enumerate(zip(features, mel_frames)):
             x = F.gelu(self.conv2(F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)[None]))))[0].t()
             valid = conv_output_frames(n)     # later frames only matter to masked (Qwen2-Audio) keys
-            frames.append(x[:valid] + self.embed_positions.weight[:valid])
-            spans.append(valid)
+            rows = max(valid, min(out_frames[i], x.shape[0])) if out_frames is not None else valid
+            frames.append(x[:rows] + self.embed_positions.weight[:rows])
+            spans.append((rows, valid))
         x = torch.cat(frames)
         for layer in self.layers:
             x = layer(x, spans)
-        outputs = x.split(spans)
+        outputs = x.split([rows for rows, _ in spans])
         if self.avg_pool:
             outputs = [F.avg_pool1d(o.t()[None], kernel_size=2, stride=2)[0].t() for o in outputs]
         return [self.layer_norm(o) for o in outputs]
