@@ -9,6 +9,9 @@ the frames of all clips are packed into one [sum of frames, D] tensor for the pr
 (one GEMM for the whole batch) and attention runs per clip. A 5 s clip costs 1/6 of a 30 s window,
 and no clip pays for another's length.
 
+MiniCPM-o's encoder attends block-causally (`attention_chunk` frames: each frame sees every frame up to
+the end of its own chunk); the mask is made once per clip and shared by the layers.
+
 Weight names are transformers' WhisperEncoder / Qwen2AudioEncoder names (conv1, conv2,
 embed_positions, layers.N.self_attn.{q,k,v,out}_proj, ..., layer_norm); Q, K and V are fused here.
 """
@@ -39,17 +42,18 @@ class EncoderAttention(nn.Module):
         self.qkv_proj = Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
         self.out_proj = Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        """x [N, D]: the frames of several clips one after another, spans[i] of clip i."""
+    def forward(self, x: torch.Tensor, spans: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
+        """x [N, D]: the frames of several clips one after another, spans[i] of clip i, which attends
+        where masks[i] (bool [n, n], None: everywhere) is True."""
         # [3, 1, H, N, Dh]: 4-D, contiguous q/k/v so SDPA takes its flash CPU kernel (3-D inputs
         # fall back to the math path, measured 3x slower on a 30 s clip)
         qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
         qkv = qkv.contiguous().unsqueeze(1)
         out = torch.empty_like(qkv[0, 0])
         start = 0
-        for n in spans:
+        for n, mask in zip(spans, masks):
             q, k, v = qkv[:, :, :, start:start + n].unbind(0)
-            out[:, start:start + n] = F.scaled_dot_product_attention(q, k, v)[0]
+            out[:, start:start + n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0]
             start += n
         return self.out_proj(out.transpose(0, 1).flatten(1))
 
@@ -63,8 +67,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, spans: list[int]) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), spans)
+    def forward(self, x: torch.Tensor, spans: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), spans, masks)
         return x + by_row_blocks(self.mlp, self.final_layer_norm(x), self.fc1.out_features)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +79,10 @@ class WhisperAudioEncoder(nn.Module):
     """Per clip: mel [n_mels, f] whose first `mel_frames` frames are real audio -> [valid frames, D].
 
     avg_pool: Qwen2-Audio's stride-2 average pooling before the final layer norm (frames halve again).
+    attention_chunk: MiniCPM-o's block-causal attention over chunks of that many frames (None: full).
     """
 
-    def __init__(self, config, avg_pool: bool = False):
+    def __init__(self, config, avg_pool: bool = False, attention_chunk: int | None = None):
         super().__init__()
         if getattr(config, "scale_embedding", False):
             raise ValueError("audio encoders with scale_embedding=True are not supported.")
@@ -89,6 +94,7 @@ class WhisperAudioEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.avg_pool = avg_pool
+        self.attention_chunk = attention_chunk
 
     def forward(self, features: list[torch.Tensor], mel_frames: list[int]) -> list[torch.Tensor]:
         spans, frames = [], []
@@ -98,12 +104,21 @@ class WhisperAudioEncoder(nn.Module):
             frames.append(x[:valid] + self.embed_positions.weight[:valid])
             spans.append(valid)
         x = torch.cat(frames)
+        masks = [self.attention_mask(n, x.device) for n in spans]
         for layer in self.layers:
-            x = layer(x, spans)
+            x = layer(x, spans, masks)
         outputs = x.split(spans)
         if self.avg_pool:
             outputs = [F.avg_pool1d(o.t()[None], kernel_size=2, stride=2)[0].t() for o in outputs]
         return [self.layer_norm(o) for o in outputs]
+
+    def attention_mask(self, frames: int, device: torch.device) -> torch.Tensor | None:
+        """bool [frames, frames]: frame i attends to frames before the end of its attention chunk."""
+        chunk = self.attention_chunk
+        if chunk is None or frames <= chunk:
+            return None
+        index = torch.arange(frames, device=device)
+        return index[None, :] < (index[:, None] // chunk + 1) * chunk
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF encoder names without prefix (conv1.weight, layers.0.self_attn.q_proj.weight, ...)."""

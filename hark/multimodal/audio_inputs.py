@@ -1,8 +1,9 @@
-"""Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox): the shared part.
+"""Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox, MiniCPM-o): the shared part.
 
 A prompt names each audio with one placeholder token; processing loads the audio, turns it into
-`AudioItem`s and repeats the placeholder token once per audio embedding, so the runner can lay
-the encoder's outputs over exactly those positions.
+`AudioItem`s and writes each item's span in its place: the placeholder token once per audio
+embedding (MiniCPM-o puts chunk markers between them), so the runner can lay the encoder's outputs
+over exactly those positions.
 
 Accepted prompts (as vLLM):
   "text" | {"prompt": "text with placeholders", "multi_modal_data": {"audio": a | [a, ...]},
@@ -83,6 +84,7 @@ class AudioPromptProcessor:
     chat_placeholder(i): what a chat message holds for its i-th audio (1-based)
     audio_features(samples): (features the encoder needs, valid mel frames) for <= 30 s of audio
     num_embeds(mel_frames): LM embeddings the encoder yields for that many valid mel frames
+    and may set span_token_ids(n): the prompt tokens of an item of n embeddings (default: n audio tokens)
     """
     placeholder_text: str        # the text a prompt writes for one audio
 
@@ -118,8 +120,22 @@ class AudioPromptProcessor:
         """Prompt tokens a clip of duration_s seconds occupies (all its 30 s chunks)."""
         samples = int(round(duration_s * SAMPLE_RATE))
         full, rest = divmod(samples, self.window_samples)
-        tokens = full * self.num_embeds(self.window_frames)
-        return tokens + (self.num_embeds(rest // HOP_LENGTH) if rest >= HOP_LENGTH else 0)
+        tokens = full * len(self.span_token_ids(self.num_embeds(self.window_frames)))
+        return tokens + (len(self.span_token_ids(self.num_embeds(rest // HOP_LENGTH))) if rest >= HOP_LENGTH else 0)
+
+    def span_token_ids(self, num_embeddings: int) -> list[int]:
+        """The prompt tokens an item of num_embeddings audio embeddings is written as; its embeddings go
+        over the audio tokens among them, in order."""
+        return [self.audio_token_id] * num_embeddings
+
+    def item_token_ids(self, item: AudioItem) -> list[int]:
+        return self.span_token_ids(item.num_embeds if item.is_embed is None else int(item.is_embed.sum()))
+
+    def new_item(self, features, frames: int, key: str, num_embeddings: int, duration_s: float,
+                 embeddings: torch.Tensor | None = None) -> AudioItem:
+        ids = self.span_token_ids(num_embeddings)
+        is_embed = None if len(ids) == num_embeddings else torch.tensor(ids) == self.audio_token_id
+        return AudioItem(features, frames, key, len(ids), duration_s, embeddings=embeddings, is_embed=is_embed)
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
@@ -155,7 +171,7 @@ class AudioPromptProcessor:
             for item in group:
                 offsets.append(len(out))
                 items.append(item)
-                out.extend([self.audio_token_id] * item.num_embeds)
+                out.extend(self.item_token_ids(item))
             prev = slot + 1
         out.extend(ids[prev:])
         return ProcessedPrompt(out, items, offsets, prompt=text)
@@ -206,7 +222,7 @@ class AudioPromptProcessor:
                 key = hash_audio(chunk, SAMPLE_RATE, self.model_id)
             else:
                 key = str(uuid) if len(chunks) == 1 else f"{uuid}#{k}"
-            items.append(AudioItem(features, frames, key, n, len(chunk) / SAMPLE_RATE))
+            items.append(self.new_item(features, frames, key, n, len(chunk) / SAMPLE_RATE))
         if not items:
             raise AudioPromptError(f"the audio is {len(samples) / SAMPLE_RATE * 1000:.0f} ms long, too short to "
                                    f"yield any audio embedding.")
@@ -221,7 +237,7 @@ class AudioPromptProcessor:
         digest = hashlib.blake2b(digest_size=32)
         digest.update(f"embeds\0{embeds.dtype}\0{tuple(embeds.shape)}\0".encode())
         digest.update(embeds.contiguous().view(torch.uint8).numpy().tobytes())
-        return AudioItem(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
+        return self.new_item(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
 
     # --- chat ---------------------------------------------------------------------------------
     def build_chat_prompt(self, conversation: list[dict], chat_template: str | None, add_generation_prompt: bool,
