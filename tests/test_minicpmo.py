@@ -274,3 +274,27 @@ def test_config_errors_are_clear(tmp_path):
         read_config(str(tmp_path), {"model_type": "minicpmo"})
     with pytest.raises(ValueError, match="init_audio false"):
         read_config(str(tmp_path), {"model_type": "minicpmo", "audio_config": {}, "init_audio": False})
+
+
+def test_served_chat_matches_offline(ckpt):
+    import httpx
+    import openai
+    from hark.engine.async_engine import AsyncLLMEngine
+    from hark.server.app import BackgroundServer, build_app
+    from hark.server.metrics import Metrics
+    from hark.server.state import ServedModel
+    path, _ = ckpt
+    llm = LLM(path, max_model_len=1024, num_kv_blocks=256)
+    messages = [{"role": "user", "content": [wav_part(3.3), {"type": "text", "text": "What is said?"}]}]
+    offline = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    metrics = Metrics()
+    app = build_app([ServedModel("minicpmo", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
+    with BackgroundServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="minicpmo", messages=messages, temperature=0, max_tokens=8)
+        assert r.choices[0].message.content == offline.outputs[0].text
+        assert r.usage.prompt_tokens == len(offline.prompt_token_ids) > 82 + 8   # 82 audio embeddings, 4 chunks
+        bad = httpx.post(url + "/v1/chat/completions", json={"model": "minicpmo", "messages": [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                "data": base64.b64encode(b"RIFF" + bytes(100)).decode(), "format": "wav"}}]}]})
+        assert bad.status_code == 400 and bad.json()["error"]["message"]
