@@ -10,7 +10,9 @@ the frames of all clips are packed into one [sum of frames, D] tensor for the pr
 and no clip pays for another's length.
 
 MiniCPM-o's encoder attends block-causally (`attention_chunk` frames: each frame sees every frame up to
-the end of its own chunk); the mask is made once per clip and shared by the layers.
+the end of its own chunk): one attention call per chunk over the keys up to its end, no mask (for a
+30 s window of 50-frame chunks 404 ms against 689 ms with a mask and 613 ms unmasked full attention,
+whisper-medium sizes, 1 thread).
 
 Weight names are transformers' WhisperEncoder / Qwen2AudioEncoder names (conv1, conv2,
 embed_positions, layers.N.self_attn.{q,k,v,out}_proj, ..., layer_norm); Q, K and V are fused here.
@@ -42,18 +44,22 @@ class EncoderAttention(nn.Module):
         self.qkv_proj = Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
         self.out_proj = Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, spans: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
-        """x [N, D]: the frames of several clips one after another, spans[i] of clip i, which attends
-        where masks[i] (bool [n, n], None: everywhere) is True."""
+    def forward(self, x: torch.Tensor, spans: list[int], chunk: int | None = None) -> torch.Tensor:
+        """x [N, D]: the frames of several clips one after another, spans[i] of clip i; with `chunk`,
+        a frame attends only to the frames before the end of its chunk of its clip."""
         # [3, 1, H, N, Dh]: 4-D, contiguous q/k/v so SDPA takes its flash CPU kernel (3-D inputs
         # fall back to the math path, measured 3x slower on a 30 s clip)
         qkv = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(1, 2, 0, 3)
         qkv = qkv.contiguous().unsqueeze(1)
         out = torch.empty_like(qkv[0, 0])
         start = 0
-        for n, mask in zip(spans, masks):
+        for n in spans:
             q, k, v = qkv[:, :, :, start:start + n].unbind(0)
-            out[:, start:start + n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0]
+            step = chunk or n
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                out[:, start + lo:start + hi] = F.scaled_dot_product_attention(
+                    q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi])[0]
             start += n
         return self.out_proj(out.transpose(0, 1).flatten(1))
 
@@ -67,8 +73,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, spans: list[int], masks: list[torch.Tensor | None]) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), spans, masks)
+    def forward(self, x: torch.Tensor, spans: list[int], chunk: int | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), spans, chunk)
         return x + by_row_blocks(self.mlp, self.final_layer_norm(x), self.fc1.out_features)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,21 +110,12 @@ class WhisperAudioEncoder(nn.Module):
             frames.append(x[:valid] + self.embed_positions.weight[:valid])
             spans.append(valid)
         x = torch.cat(frames)
-        masks = [self.attention_mask(n, x.device) for n in spans]
         for layer in self.layers:
-            x = layer(x, spans, masks)
+            x = layer(x, spans, self.attention_chunk)
         outputs = x.split(spans)
         if self.avg_pool:
             outputs = [F.avg_pool1d(o.t()[None], kernel_size=2, stride=2)[0].t() for o in outputs]
         return [self.layer_norm(o) for o in outputs]
-
-    def attention_mask(self, frames: int, device: torch.device) -> torch.Tensor | None:
-        """bool [frames, frames]: frame i attends to frames before the end of its attention chunk."""
-        chunk = self.attention_chunk
-        if chunk is None or frames <= chunk:
-            return None
-        index = torch.arange(frames, device=device)
-        return index[None, :] < (index[:, None] // chunk + 1) * chunk
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF encoder names without prefix (conv1.weight, layers.0.self_attn.q_proj.weight, ...)."""
