@@ -12,6 +12,9 @@ class AudioItem:
     num_embeds: int             # placeholder tokens this item occupies in the prompt (0 for Whisper)
     duration_s: float
     embeddings: torch.Tensor | None = None   # precomputed LM-space embeddings [num_embeds, H]: no encoder
+    # bool [num_embeds]: the prompt positions that take the item's embeddings, in order (None: all); the
+    # others keep their token's embedding (MiniCPM-o's chunk markers between them)
+    is_embed: torch.Tensor | None = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ _MODELS = {
     "Qwen2AudioForConditionalGeneration": ("hark.models.qwen2_audio", "Qwen2AudioForConditionalGeneration",
                                            "hark.multimodal.qwen2_audio", "Qwen2AudioProcessor"),
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
+    "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
 }
 
 

@@ -1,8 +1,9 @@
-"""Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox): the shared part.
+"""Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox, MiniCPM-o): the shared part.
 
 A prompt names each audio with one placeholder token; processing loads the audio, turns it into
-`AudioItem`s and repeats the placeholder token once per audio embedding, so the runner can lay
-the encoder's outputs over exactly those positions.
+`AudioItem`s and writes each item's span in its place: the placeholder token once per audio
+embedding (MiniCPM-o puts chunk markers between them), so the runner can lay the encoder's outputs
+over exactly those positions.
 
 Accepted prompts (as vLLM):
   "text" | {"prompt": "text with placeholders", "multi_modal_data": {"audio": a | [a, ...]},
@@ -89,6 +90,7 @@ class AudioPromptProcessor:
     encoder_inputs(samples): [(features the encoder needs, valid mel frames)], one per 30 s chunk
         of a clip (16 kHz), the frames as chunk_frames(len(samples)) counts them
     num_embeds(mel_frames): LM embeddings the encoder yields for that many valid mel frames
+    and may set span_token_ids(n): the prompt tokens of an item of n embeddings (default: n audio tokens)
     """
     placeholder_text: str        # the text a prompt writes for one audio
 
@@ -122,12 +124,27 @@ class AudioPromptProcessor:
     # --- sizes --------------------------------------------------------------------------------
     def audio_tokens(self, duration_s: float) -> int:
         """Prompt tokens a clip of duration_s seconds occupies (all its 30 s chunks)."""
-        return sum(self.num_embeds(f) for f in self.chunk_frames(int(round(duration_s * SAMPLE_RATE))))
+        embeds = (self.num_embeds(f) for f in self.chunk_frames(int(round(duration_s * SAMPLE_RATE))))
+        return sum(len(self.span_token_ids(n)) for n in embeds if n)
 
     def chunk_frames(self, num_samples: int) -> list[int]:
         """Valid mel frames of each 30 s chunk of a clip of num_samples samples."""
         frames = valid_frames(num_samples)
         return [min(self.window_frames, frames - start) for start in range(0, frames, self.window_frames)]
+
+    def span_token_ids(self, num_embeddings: int) -> list[int]:
+        """The prompt tokens an item of num_embeddings audio embeddings is written as; its embeddings go
+        over the audio tokens among them, in order."""
+        return [self.audio_token_id] * num_embeddings
+
+    def item_token_ids(self, item: AudioItem) -> list[int]:
+        return self.span_token_ids(item.num_embeds if item.is_embed is None else int(item.is_embed.sum()))
+
+    def new_item(self, features, frames: int, key: str, num_embeddings: int, duration_s: float,
+                 embeddings: torch.Tensor | None = None) -> AudioItem:
+        ids = self.span_token_ids(num_embeddings)
+        is_embed = None if len(ids) == num_embeddings else torch.tensor(ids) == self.audio_token_id
+        return AudioItem(features, frames, key, len(ids), duration_s, embeddings=embeddings, is_embed=is_embed)
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
@@ -163,7 +180,7 @@ class AudioPromptProcessor:
             for item in group:
                 offsets.append(len(out))
                 items.append(item)
-                out.extend([self.audio_token_id] * item.num_embeds)
+                out.extend(self.item_token_ids(item))
             prev = slot + 1
         out.extend(ids[prev:])
         return ProcessedPrompt(out, items, offsets, prompt=text)
@@ -212,7 +229,7 @@ class AudioPromptProcessor:
                 continue
             key = name if len(chunks) == 1 else f"{name}#{k}"   # a chunk's features may depend on the whole clip
             seconds = min(self.window_samples, len(samples) - k * self.window_samples) / SAMPLE_RATE
-            items.append(AudioItem(features, frames, key, n, seconds))
+            items.append(self.new_item(features, frames, key, n, seconds))
         if not items:
             raise AudioPromptError(f"the audio is {len(samples) / SAMPLE_RATE * 1000:.0f} ms long, too short to "
                                    f"yield any audio embedding.")
@@ -227,7 +244,7 @@ class AudioPromptProcessor:
         digest = hashlib.blake2b(digest_size=32)
         digest.update(f"embeds\0{embeds.dtype}\0{tuple(embeds.shape)}\0".encode())
         digest.update(embeds.contiguous().view(torch.uint8).numpy().tobytes())
-        return AudioItem(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
+        return self.new_item(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
 
     # --- chat ---------------------------------------------------------------------------------
     def build_chat_prompt(self, conversation: list[dict], chat_template: str | None, add_generation_prompt: bool,

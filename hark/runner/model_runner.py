@@ -66,7 +66,7 @@ class ModelRunner:
 
     def _audio_embeddings(self, seqs, counts, input_ids) -> torch.Tensor | None:
         """inputs_embeds with audio embeddings placed over the placeholder tokens of this chunk."""
-        needed: list[tuple[int, int, int, AudioItem]] = []   # (row, start, end) within the item
+        needed: list[tuple[int, int, int, AudioItem]] = []   # (row, start, end) within the item's span
         row = 0
         for seq, n in zip(seqs, counts):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -80,8 +80,13 @@ class ModelRunner:
             return None
         embeds = self.model.get_input_embeddings(input_ids)
         outputs = self.encode_audio([item for *_, item in needed])
-        for (row, lo, hi, _), out in zip(needed, outputs):
-            embeds[row: row + hi - lo] = out[lo:hi].to(embeds.dtype)
+        for (row, lo, hi, item), out in zip(needed, outputs):
+            if item.is_embed is None:
+                embeds[row: row + hi - lo] = out[lo:hi].to(embeds.dtype)
+            else:                           # only the marked positions, from the item's embedding count so far
+                first = int(item.is_embed[:lo].sum())
+                rows = row + item.is_embed[lo:hi].nonzero()[:, 0]
+                embeds[rows.to(embeds.device)] = out[first: first + len(rows)].to(embeds.dtype)
         return embeds
 
     # --- one step -----------------------------------------------------------------------------
