@@ -9,6 +9,8 @@ _MODELS = {
                                         "hark.multimodal.whisper", "WhisperProcessor"),
     "Qwen2AudioForConditionalGeneration": ("hark.models.qwen2_audio", "Qwen2AudioForConditionalGeneration",
                                            "hark.multimodal.qwen2_audio", "Qwen2AudioProcessor"),
+    "Qwen2_5OmniThinkerForConditionalGeneration": ("hark.models.qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration",
+                                                   "hark.multimodal.qwen2_5_omni", "Qwen2_5OmniProcessor"),
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
 }
 
