@@ -251,3 +251,25 @@ def test_checkpoint_names_of_the_whole_omni_model():
     for skipped in ["thinker.visual.blocks.0.attn.qkv.weight", "model.visual.merger.ln_q.weight",
                     "talker.model.layers.0.mlp.up_proj.weight", "token2wav.code2wav_dit_model.x"]:
         assert checkpoint_name(skipped) is None
+
+
+def test_whole_omni_checkpoint_runs_its_thinker(ckpt, tmp_path):
+    """A Qwen2_5OmniModel checkpoint (config with thinker_config, weights under thinker.*, plus the
+    talker's and token2wav's, which hark skips) answers as its thinker does."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2_5OmniConfig
+    path, model, tok, processor = ckpt
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(f"{path}/{name}", tmp_path / name)
+    with open(f"{path}/config.json") as f:
+        Qwen2_5OmniConfig(thinker_config=json.load(f), architectures=["Qwen2_5OmniModel"]).save_pretrained(tmp_path)
+    weights = {f"thinker.{name}": t for name, t in load_file(f"{path}/model.safetensors").items()}
+    weights["talker.model.norm.weight"] = torch.ones(8)
+    weights["token2wav.code2wav_bigvgan_model.conv_pre.weight"] = torch.ones(2, 2)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    text, audios = CASES[1]
+    out = LLM(str(tmp_path)).generate({"prompt": text, "multi_modal_data": {"audio": (audios[0], 16000)}}, GREEDY,
+                                      use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == reference(model, processor, text, audios)
