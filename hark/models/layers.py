@@ -77,7 +77,7 @@ class RotaryEmbedding(nn.Module):
 class MRotaryEmbedding(RotaryEmbedding):
     """Multimodal RoPE (Qwen2-VL, Qwen2.5-Omni): each token has three positions (time, height,
     width) and the rotary frequencies are split into mrope_section bands, band i turned by
-    position i % 3. positions [3, T]; a token whose three positions are equal gets plain RoPE."""
+    position i % 3. positions [3, T] (or [T]: the same on all three axes, which is plain RoPE)."""
 
     def __init__(self, config, max_positions: int, mrope_section: list[int]):
         super().__init__(config, max_positions)
@@ -88,6 +88,8 @@ class MRotaryEmbedding(RotaryEmbedding):
         self.register_buffer("axis", torch.cat((band, band)), persistent=False)   # [D]: which position
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if positions.ndim == 1:
+            positions = positions.expand(3, -1)
         index = positions[self.axis].t()                       # [T, D]: the position each dim turns by
         cos = self.cos.gather(0, index).unsqueeze(1).to(q.dtype)
         sin = self.sin.gather(0, index).unsqueeze(1).to(q.dtype)
