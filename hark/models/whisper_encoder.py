@@ -127,16 +127,23 @@ class WhisperAudioEncoder(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF encoder names without prefix (conv1.weight, layers.0.self_attn.q_proj.weight, ...)."""
-        loader = WeightLoader(self, "audio encoder weight")
-        d = self.conv1.out_channels
-        for name, tensor in weights:
-            parts = name.split(".")
-            if len(parts) == 5 and parts[3] in ("q_proj", "k_proj", "v_proj"):
-                target = ".".join(parts[:3] + ["qkv_proj", parts[4]])
-                shard = ("q_proj", "k_proj", "v_proj").index(parts[3])
-                loader.copy(target, tensor, name, slice(shard * d, (shard + 1) * d))
-                continue
-            loader.copy(name, tensor, name)
-        loader.check_complete()
-        for layer in self.layers:          # Whisper's K projection has no bias
-            layer.self_attn.qkv_proj.bias.data[d:2 * d].zero_()
+        load_encoder_weights(self, weights)
+
+
+def load_encoder_weights(encoder: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Loads HF names into an encoder built of EncoderLayers: q/k/v_proj go into the fused qkv_proj
+    (whose K bias stays zero, as Whisper's K projection has none); other names are copied as they are."""
+    loader = WeightLoader(encoder, "audio encoder weight")
+    layers = encoder.layers
+    d = layers[0].self_attn.out_proj.in_features
+    for name, tensor in weights:
+        parts = name.split(".")
+        if len(parts) == 5 and parts[3] in ("q_proj", "k_proj", "v_proj"):
+            target = ".".join(parts[:3] + ["qkv_proj", parts[4]])
+            shard = ("q_proj", "k_proj", "v_proj").index(parts[3])
+            loader.copy(target, tensor, name, slice(shard * d, (shard + 1) * d))
+            continue
+        loader.copy(name, tensor, name)
+    loader.check_complete()
+    for layer in layers:
+        layer.self_attn.qkv_proj.bias.data[d:2 * d].zero_()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from hark.audio import AudioLimits, load_audio
-from hark.audio.mel import valid_frames
+from hark.audio.mel import log_mel_spectrogram, valid_frames
 from hark.chat import NO_CHAT_TEMPLATE
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
@@ -120,6 +120,16 @@ class AudioPromptProcessor:
         self.media_policy = MediaPolicy(allowed_domains=tuple(config.allowed_media_domains),
                                         allowed_local_root=config.allowed_local_media_path)
         self.named = NamedAudio(config.encoder_cache_bytes)
+
+    def window_inputs(self, samples) -> list[tuple[torch.Tensor, int]]:
+        """encoder_inputs for encoders that take each 30 s chunk's log-mel cut to its valid frames."""
+        inputs = []
+        for start in range(0, len(samples), self.window_samples):
+            chunk = samples[start: start + self.window_samples]
+            features, _ = log_mel_spectrogram([chunk], n_mels=self.n_mels, n_frames=self.window_frames)
+            frames = valid_frames(len(chunk))
+            inputs.append((features[0, :, :frames].clone(), frames))
+        return inputs
 
     # --- sizes --------------------------------------------------------------------------------
     def audio_tokens(self, duration_s: float) -> int:

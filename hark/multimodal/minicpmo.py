@@ -13,11 +13,9 @@ Chat: a conversation with audio uses MiniCPM-o's audio template (the assistant t
 `<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>`), as its own chat() and vLLM's audio example do; a
 text-only one uses the tokenizer's template. A prompt's literal `<unk>` text counts as a placeholder.
 """
-import math
 
-from hark.audio import log_mel_spectrogram
 from hark.models.whisper_encoder import conv_output_frames
-from hark.multimodal.audio_inputs import HOP_LENGTH, AudioPromptProcessor
+from hark.multimodal.audio_inputs import AudioPromptProcessor
 
 PLACEHOLDER = "(<audio>./</audio>)"
 AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
@@ -48,13 +46,7 @@ class MiniCPMOProcessor(AudioPromptProcessor):
         return PLACEHOLDER
 
     def encoder_inputs(self, samples):
-        inputs = []
-        for start in range(0, len(samples), self.window_samples):
-            chunk = samples[start: start + self.window_samples]
-            features, _ = log_mel_spectrogram([chunk], n_mels=self.n_mels, n_frames=self.window_frames)
-            frames = min(math.ceil(len(chunk) / HOP_LENGTH), self.window_frames)
-            inputs.append((features[0, :, :frames].clone(), frames))
-        return inputs
+        return self.window_inputs(samples)
 
     def num_embeds(self, mel_frames: int) -> int:
         return max(0, (conv_output_frames(mel_frames) - self.pool_step) // self.pool_step + 1)
