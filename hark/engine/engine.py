@@ -71,7 +71,10 @@ class LLMEngine:
 
     def _vocab_size(self) -> int:
         cfg = self.loaded.hf_config
-        cfg = getattr(cfg, "text_config", None) or cfg
+        if hasattr(cfg, "get_text_config"):         # transformers configs, nested ones too (Qwen2.5-Omni)
+            cfg = cfg.get_text_config()
+        else:
+            cfg = getattr(cfg, "text_config", None) or cfg
         return max(cfg.vocab_size, len(self.tokenizer))
 
     @cached_property
