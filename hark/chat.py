@@ -49,7 +49,7 @@ def chat_template_text(engine, chat_template: str | None, tools: list | None) ->
     """The Jinja text a conversation will be rendered with, or None when the model has none."""
     processor = engine.processor
     if processor is not None and hasattr(processor, "build_chat_prompt"):
-        return chat_template or processor.chat_template
+        return chat_template or getattr(processor, "chat_template", None)
     tokenizer = engine.tokenizer
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         return None
