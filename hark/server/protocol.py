@@ -73,7 +73,8 @@ class _Sampling(BaseModel):
             given["response_format"] = StructuredOutputsParams(json_object=True)
         elif rf is not None and rf.type == "json_schema":
             if rf.json_schema is None:
-                raise ValueError("response_format of type json_schema needs a json_schema: {'name': ..., 'schema': {...}}.")
+                raise ValueError("response_format of type json_schema needs a json_schema: "
+                                 "{'name': ..., 'schema': {...}}.")
             given["response_format"] = StructuredOutputsParams(json=rf.json_schema.json_schema)
         if self.structured_outputs is not None:
             fields = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
