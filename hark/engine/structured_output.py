@@ -59,7 +59,11 @@ def _ebnf_literal(text: str) -> str:
 
 class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise ValueError("structured outputs need xgrammar, which is not installed: "
+                             "pip install 'hark[structured]'.") from None
         self.xgr = xgr
         self.vocab_size = vocab_size
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
