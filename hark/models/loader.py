@@ -68,8 +68,7 @@ def _checkpoint_dtype(hf_config) -> torch.dtype | None:
 
 
 def load_model(config) -> LoadedModel:
-    """config: EngineConfig."""
-    from transformers import AutoConfig, AutoTokenizer
+    """config: EngineConfig. A CTranslate2 Whisper directory loads without importing transformers."""
     path = resolve_model_path(config.model)
     if os.path.exists(os.path.join(path, "model.bin")):  # CTranslate2 (faster-whisper) directory
         from hark.models.ct2_whisper import is_ct2_whisper_dir, load_ct2_whisper
@@ -77,6 +76,7 @@ def load_model(config) -> LoadedModel:
             raise ValueError(f"{path} holds a CTranslate2 model.bin that is not a Whisper model.")
         hf_config, weights, tokenizer, generation_config = load_ct2_whisper(path)
     else:
+        from transformers import AutoConfig, AutoTokenizer
         raw_config = _read_json(os.path.join(path, "config.json"))
         if raw_config.get("model_type") in CONFIG_READERS:      # remote-code configs hark reads itself
             hf_config = importlib.import_module(CONFIG_READERS[raw_config["model_type"]]).read_config(path, raw_config)
