@@ -26,6 +26,7 @@ from hark.inputs import ProcessedPrompt
 from hark.outputs import CompletionOutput
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
+from hark.transcribe.levels import peak_level, with_input_floor
 from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
 from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
@@ -149,6 +150,10 @@ class TranscriptionRun:
         self.timelines: list[list[Window]] = []     # per input, its windows in time order
         for i, samples in enumerate(self.inputs):
             self.timelines.append([self._add_window(w) for w in _split(i, samples, opts.split)])
+        # Each window's log-mel floor comes from its whole input's peak, as in openai-whisper (levels.py).
+        self.peaks = [max((peak_level(w.processed) for w in timeline), default=0.0) for timeline in self.timelines]
+        for w in self.windows:
+            w.processed = with_input_floor(w.processed, self.peaks[w.source])
         self.languages = [self.language_code or "en"] * len(self.inputs)
         self.prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt)
         # When the decode prompt ends with <|startoftranscript|>, the decode's first step sees P(no speech).
@@ -189,6 +194,7 @@ class TranscriptionRun:
             if w.tail is not None:
                 timeline = self.timelines[w.source]
                 timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
+                w.tail.processed = with_input_floor(w.tail.processed, self.peaks[w.source])
                 tails.append(w.tail)
             w.segments = self._segments(w)
             w.final = True
