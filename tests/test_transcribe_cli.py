@@ -148,3 +148,14 @@ def test_word_timed_subtitles_with_line_layout_and_highlighting(capsys):
     cues = parse_cues(capsys.readouterr().out, ",")
     underlined = [text for _, _, text in cues if "<u>" in text]
     assert len(underlined) == 8 and underlined[0].startswith("<u>He</u> might")
+
+
+def test_threads_option_and_num_threads(monkeypatch):
+    from hark.llm import set_num_threads
+    assert build_parser().parse_args(["transcribe", "--threads", "1", "x.wav"]).threads == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["transcribe", "--threads", "0", "x.wav"])
+    set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="num_threads"):
+        set_num_threads(0)
