@@ -9,7 +9,7 @@ from hark.transcribe.command import add_transcribe_parser
 
 def add_chat_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with an audio-language model about audio files",
-                              description="Ask an audio-language model (Qwen2-Audio, Ultravox, ...) about audio "
+                              description="Ask an audio-language model (Qwen2-Audio, Ultravox, MiniCPM-o, ...) about audio "
                                           "files: one question as an argument, or a conversation on stdin, a "
                                           "line per turn. The audio goes with the first turn.")
     p.add_argument("model", metavar="MODEL", help="local checkpoint directory")

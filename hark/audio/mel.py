@@ -5,6 +5,12 @@ Hann window of 400, |rfft|^2, slaney mel filters up to 8 kHz, log10 of max(mel, 
 (item max - 8), then (x + 4) / 4. Frames whose window holds only padding zeros are not computed:
 their log-mel is exactly log10(1e-10) = -10 before the clamp.
 
+Valid frames (the mask): ceil(L / 160) for L samples, the frames whose window centre is a real
+sample; WhisperFeatureExtractor's attention_mask is the sample mask taken every 160th sample, so
+a last partial hop counts (2.79 s = 44,580 samples -> 279 frames, not 278). Padding to the longest
+item (n_frames=None) pads to a whole number of hops, ceil(L / 160) * 160 samples, as Ultravox's
+processor asks the extractor to (pad_to_multiple_of=160), so every valid frame is in the features.
+
 On CPU the frames go through in chunks that stay in cache (window, FFT, power, mel, log on one chunk
 before the next), and the mel product skips the filter bank's zeros: each filter touches only a few
 neighbouring frequency bins, so the filters are multiplied in groups, each over the bins its group
@@ -78,24 +84,31 @@ def hann_window(device: torch.device) -> torch.Tensor:
     return torch.hann_window(N_FFT, device=device)
 
 
+def valid_frames(num_samples: int) -> int:
+    """Mel frames that hold real audio for num_samples samples: ceil(num_samples / 160)."""
+    return -(-num_samples // HOP_LENGTH)
+
+
 def log_mel_spectrogram(
     audios: list[np.ndarray | torch.Tensor], n_mels: int = 80, n_frames: int | None = 3000
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features float32 [B, n_mels, n_frames] and mask bool [B, n_frames], True on frames from real
-    samples (len(audio) // 160). Audio is 16 kHz mono; `n_frames=None` pads to the longest item,
-    longer items are truncated to n_frames * 160 samples (split them first)."""
+    """Features float32 [B, n_mels, n_frames] and mask bool [B, n_frames], True on the
+    valid_frames(len(audio)) frames from real samples. Audio is 16 kHz mono; `n_frames=None` pads
+    to the longest item's valid frames (at least 2), longer items are truncated to n_frames * 160
+    samples (split them first)."""
     audios = [torch.as_tensor(audio) for audio in audios]
     if not audios or any(audio.ndim != 1 for audio in audios):
         raise ValueError("log_mel_spectrogram takes a non-empty list of 1-D (mono, 16 kHz) audio arrays")
     device = audios[0].device
     lengths = torch.tensor([len(audio) for audio in audios])
-    n_samples = n_frames * HOP_LENGTH if n_frames is not None else max(int(lengths.max()), N_FFT)
-    n_frames = n_samples // HOP_LENGTH
+    if n_frames is None:
+        n_frames = max(valid_frames(int(lengths.max())), 2)   # reflect padding needs > N_FFT // 2 samples
+    n_samples = n_frames * HOP_LENGTH
     if device.type == "cpu":
         features = _log_mel_chunked(audios, n_mels, n_samples)
     else:
         features = _log_mel_batched(audios, n_mels, n_samples)
-    mask = torch.arange(n_frames) < (lengths // HOP_LENGTH)[:, None]
+    mask = torch.arange(n_frames) < (-(-lengths // HOP_LENGTH))[:, None]
     return features, mask.to(device)
 
 

@@ -69,7 +69,10 @@ class LLMEngine:
 
     def _vocab_size(self) -> int:
         cfg = self.loaded.hf_config
-        cfg = getattr(cfg, "text_config", None) or cfg
+        if hasattr(cfg, "get_text_config"):         # transformers configs, nested ones too (Qwen2.5-Omni)
+            cfg = cfg.get_text_config()
+        else:
+            cfg = getattr(cfg, "text_config", None) or cfg
         return max(cfg.vocab_size, len(self.tokenizer))
 
     def max_concurrent_audio_requests(self, audio_s: float = 30.0, text_tokens: int = 64,

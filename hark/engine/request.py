@@ -5,7 +5,7 @@ from enum import Enum
 
 import torch
 
-from hark.inputs import ProcessedPrompt
+from hark.inputs import ProcessedPrompt, PromptPositions
 from hark.outputs import Logprob, RequestMetrics
 from hark.sampling import SamplingParams
 
@@ -28,6 +28,7 @@ class Request:
     encoder_state: torch.Tensor | None = None    # encoder-decoder models: the encoder output
     cross_cache: dict = field(default_factory=dict)
     cache_salt: str | None = None                # mixed into the first block hash (audio of enc-dec)
+    positions: PromptPositions | None = None     # M-RoPE models: the prompt's positions, from the model
 
     @property
     def finished(self) -> bool:

@@ -9,8 +9,9 @@ import torch
 
 from hark.models import registry
 
-# model_type: module with read_config(path, raw_json) for configs AutoConfig cannot read (hub remote code)
-CONFIG_READERS = {"ultravox": "hark.models.ultravox"}
+# model_type: module with read_config(path, raw_json) for configs AutoConfig cannot read (hub remote code),
+# and read_tokenizer(path) where the tokenizer class is remote code too
+CONFIG_READERS = {"ultravox": "hark.models.ultravox", "minicpmo": "hark.models.minicpmo"}
 
 
 @dataclass
@@ -78,14 +79,20 @@ def load_model(config) -> LoadedModel:
     else:
         from transformers import AutoConfig, AutoTokenizer
         raw_config = _read_json(os.path.join(path, "config.json"))
+        reader = None
         if raw_config.get("model_type") in CONFIG_READERS:      # remote-code configs hark reads itself
-            hf_config = importlib.import_module(CONFIG_READERS[raw_config["model_type"]]).read_config(path, raw_config)
+            reader = importlib.import_module(CONFIG_READERS[raw_config["model_type"]])
+            hf_config = reader.read_config(path, raw_config)
         else:
             try:
                 hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
             except Exception as e:
                 raise ValueError(f"cannot read config.json in {path}: {e}") from None
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path, trust_remote_code=config.trust_remote_code)
+        if config.tokenizer is None and hasattr(reader, "read_tokenizer"):
+            tokenizer = reader.read_tokenizer(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path,
+                                                      trust_remote_code=config.trust_remote_code)
         weights = iter_checkpoint_weights(path)
         generation_config = _read_json(os.path.join(path, "generation_config.json"))
     archs = getattr(hf_config, "architectures", None) or []
