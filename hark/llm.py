@@ -1,7 +1,7 @@
 """The offline API, as in vLLM: LLM(model=...).generate / chat / transcribe."""
 from typing import Sequence as Seq
 
-from tqdm.auto import tqdm
+import torch
 
 from hark.config import EngineConfig
 from hark.engine.engine import LLMEngine
@@ -9,12 +9,21 @@ from hark.outputs import RequestOutput
 from hark.sampling import SamplingParams
 
 
+def set_num_threads(n: int) -> None:
+    """torch's intra-op threads (default: one per physical core)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_threads must be an integer ≥ 1, got {n!r}.")
+    torch.set_num_threads(n)
+
+
 class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, seed: int = 0, limit_mm_per_prompt: dict | None = None,
                  block_size: int = 16, kv_cache_memory_bytes: int = 4 * 2**30, num_kv_blocks: int | None = None,
-                 device: str = "auto", **kwargs):
+                 device: str = "auto", num_threads: int | None = None, **kwargs):
+        if num_threads is not None:
+            set_num_threads(num_threads)
         if model is None:
             from hark.models.default import default_model_path
             model = default_model_path()
@@ -52,6 +61,7 @@ class LLM:
         ids = [engine.add_request(prompt, p, processed=pp) for prompt, p, pp in zip(prompts, params, processed)]
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
+        from tqdm import tqdm
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests():

@@ -112,3 +112,13 @@ def test_gpu_shaped_path_matches_the_cpu_chunked_path(clips, n_mels):
         batched = mel._log_mel_batched(audios, n_mels, n_samples)
         assert chunked.shape == (len(audios), n_mels, n_samples // mel.HOP_LENGTH)
         assert (chunked - batched).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_equal_transformers_filter_bank(n_mels):
+    from transformers.audio_utils import mel_filter_bank
+
+    from hark.audio.mel import mel_filters
+    expected = mel_filter_bank(num_frequency_bins=201, num_mel_filters=n_mels, min_frequency=0.0, max_frequency=8000.0,
+                               sampling_rate=16000, norm="slaney", mel_scale="slaney")
+    assert torch.equal(mel_filters(n_mels, torch.device("cpu")), torch.from_numpy(expected).float())

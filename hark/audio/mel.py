@@ -21,7 +21,6 @@ import functools
 
 import numpy as np
 import torch
-from transformers.audio_utils import mel_filter_bank
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -31,13 +30,29 @@ CHUNK_FRAMES = 1000  # frames per cache-sized chunk on CPU (1.6 MB of windowed f
 GROUP_COST = 300  # a filter group's fixed cost, in multiply-adds per frame, when choosing groups
 
 
+def hertz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    log_step = np.log(6.4) / 27.0
+    return np.where(hz < 1000.0, 3.0 * hz / 200.0, 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / log_step)
+
+
+def slaney_mel_to_hertz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    log_step = np.log(6.4) / 27.0
+    return np.where(mel < 15.0, 200.0 * mel / 3.0, 1000.0 * np.exp(log_step * (mel - 15.0)))
+
+
 @functools.lru_cache(maxsize=None)
 def mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
-    """[N_FFT // 2 + 1, n_mels] slaney-normalised slaney-scale filters over 0 - 8 kHz."""
-    filters = mel_filter_bank(
-        num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-        max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
-    )
+    """[N_FFT // 2 + 1, n_mels] slaney-normalised slaney-scale filters over 0 - 8 kHz (librosa's and
+    transformers' WhisperFeatureExtractor's): triangles between neighbouring mel-spaced centres, each
+    scaled to unit area."""
+    edges = slaney_mel_to_hertz(np.linspace(0.0, hertz_to_slaney_mel(8000.0), n_mels + 2))
+    bins = np.linspace(0, SAMPLE_RATE // 2, N_FFT // 2 + 1)
+    rising = (bins[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])
+    falling = (edges[None, 2:] - bins[:, None]) / (edges[2:] - edges[1:-1])
+    filters = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))
     return torch.from_numpy(filters).to(device, torch.float32)
 
 

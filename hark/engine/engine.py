@@ -159,6 +159,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        request.release_encoder_state()
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -200,6 +201,7 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = time.time()
                 self.requests.pop(request.request_id, None)
+                request.release_encoder_state()
             outputs.append(self._output(request))
         return outputs
 

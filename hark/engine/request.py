@@ -34,6 +34,12 @@ class Request:
     def finished(self) -> bool:
         return all(s.status == SequenceStatus.FINISHED for s in self.seqs)
 
+    def release_encoder_state(self) -> None:
+        """Drops the encoder output and cross-attention K/V once the request is done (whoever still holds
+        the request, its outputs, must not keep 18 MB per Whisper window alive)."""
+        self.encoder_state = None
+        self.cross_cache.clear()
+
 
 @dataclass(eq=False)
 class Sequence:

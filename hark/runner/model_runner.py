@@ -23,8 +23,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         shape = (model.num_kv_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: attention reads only slots already written, and on CPU untouched pages
+        # cost no memory until a block is first used.
+        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
         for i, module in enumerate(model.kv_attention_modules()):
             module.k_cache, module.v_cache = self.k_cache[i], self.v_cache[i]
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
