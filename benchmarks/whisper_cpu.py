@@ -87,6 +87,7 @@ def run_transformers(model_path, audio, warm, threads):
     from hark.models.ct2_whisper import load_ct2_whisper
     torch.set_num_threads(threads)
     config, weights, tokenizer, generation = load_ct2_whisper(model_path)
+    config, tokenizer = config.to_transformers(), tokenizer.to_transformers()
     model = WhisperForConditionalGeneration(config)
     state = {name: tensor.float() for name, tensor in weights}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,8 +1,28 @@
-"""hark: inference engine and OpenAI-compatible server for audio-language models."""
-from hark.engine_args import EngineArgs
-from hark.llm import LLM
-from hark.outputs import CompletionOutput, Logprob, RequestOutput
-from hark.sampling import SamplingParams
+"""hark: inference engine and OpenAI-compatible server for audio-language models.
+
+Names are imported on first use (PEP 562), so `hark --help`, `hark --version` and argument errors
+answer without loading torch. Before torch loads, OpenMP is told to wait passively
+(OMP_WAIT_POLICY=PASSIVE) unless the user set a policy: spinning threads stall badly on a busy
+machine. OpenMP reads the variable once, when torch first initialises it.
+"""
+import os
+import sys
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]
+
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_LAZY = {"LLM": "hark.llm", "EngineArgs": "hark.engine_args", "SamplingParams": "hark.sampling", "StructuredOutputsParams": "hark.sampling",
+         "RequestOutput": "hark.outputs",
+         "CompletionOutput": "hark.outputs", "Logprob": "hark.outputs"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hark' has no attribute {name!r}")

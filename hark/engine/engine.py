@@ -2,6 +2,7 @@
 import itertools
 import logging
 import time
+from functools import cached_property
 
 import torch
 
@@ -10,6 +11,7 @@ from hark.engine.detokenizer import Detokenizer, find_stop_string
 from hark.engine.kv_cache import KVCacheManager
 from hark.engine.request import Request, Sequence
 from hark.engine.scheduler import Scheduler
+from hark.engine.structured_output import StructuredOutputs
 from hark.inputs import ProcessedPrompt
 from hark.models.loader import load_model
 from hark.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -74,8 +76,16 @@ class LLMEngine:
 
     def _vocab_size(self) -> int:
         cfg = self.loaded.hf_config
-        cfg = getattr(cfg, "text_config", None) or cfg
+        if hasattr(cfg, "get_text_config"):         # transformers configs, nested ones too (Qwen2.5-Omni)
+            cfg = cfg.get_text_config()
+        else:
+            cfg = getattr(cfg, "text_config", None) or cfg
         return max(cfg.vocab_size, len(self.tokenizer))
+
+    @cached_property
+    def structured_outputs(self) -> StructuredOutputs:
+        """Grammar compiler and matchers for structured outputs, built on first use."""
+        return StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
     def max_concurrent_audio_requests(self, audio_s: float = 30.0, text_tokens: int = 64,
                                       max_tokens: int = 256) -> int:
@@ -126,6 +136,7 @@ class LLMEngine:
             request.cache_salt = processed.audio_items[0].hash if processed.audio_items else None
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
+        grammar = self.structured_outputs.compile(params.structured_outputs) if params.structured_outputs else None
         parent = None
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else int(
@@ -135,6 +146,8 @@ class LLMEngine:
                            parent=parent)
             if params.logprobs is not None:
                 seq.logprobs = []
+            if grammar is not None:
+                seq.grammar = self.structured_outputs.xgr.GrammarMatcher(grammar)
             self.detokenizer.start(seq)
             request.seqs.append(seq)
             parent = parent or seq
@@ -151,6 +164,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        request.release_encoder_state()
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -181,7 +195,9 @@ class LLMEngine:
         moved = {}
         if result.sample_rows:
             seqs = [batch.seqs[i] for i in result.sample_rows]
-            sampled = sampler.sample(result.logits, seqs, self.eos_token_ids)
+            grammar_mask = self.structured_outputs.bitmask([s.grammar for s in seqs]) if any(
+                s.grammar is not None for s in seqs) else None
+            sampled = sampler.sample(result.logits, seqs, self.eos_token_ids, grammar_mask)
             for row, seq in enumerate(seqs):
                 self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
                 moved[id(seq.request)] = seq.request
@@ -190,6 +206,7 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = time.time()
                 self.requests.pop(request.request_id, None)
+                request.release_encoder_state()
             outputs.append(self._output(request))
         return outputs
 
@@ -204,7 +221,14 @@ class LLMEngine:
         new_text = self.detokenizer.step(seq)
         params = seq.params
         reason = stop_reason = None
-        if seq.num_output_tokens >= params.min_tokens:
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            # only when other constraints (allowed_token_ids, logits processors) left no token it allows
+            logger.warning("request %s: its grammar refused token %d; the output ends here",
+                           seq.request.request_id, token)
+            reason = "abort"
+        elif seq.grammar is not None and seq.grammar.is_terminated():
+            reason = "stop"
+        elif seq.num_output_tokens >= params.min_tokens:
             if token in params.stop_token_ids:
                 reason, stop_reason = "stop", token
             elif not params.ignore_eos and token in self.eos_token_ids:

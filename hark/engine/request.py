@@ -5,7 +5,7 @@ from enum import Enum
 
 import torch
 
-from hark.inputs import ProcessedPrompt
+from hark.inputs import ProcessedPrompt, PromptPositions
 from hark.outputs import Logprob, RequestMetrics
 from hark.sampling import SamplingParams
 
@@ -28,10 +28,17 @@ class Request:
     encoder_state: torch.Tensor | None = None    # encoder-decoder models: the encoder output
     cross_cache: dict = field(default_factory=dict)
     cache_salt: str | None = None                # mixed into the first block hash (audio of enc-dec)
+    positions: PromptPositions | None = None     # M-RoPE models: the prompt's positions, from the model
 
     @property
     def finished(self) -> bool:
         return all(s.status == SequenceStatus.FINISHED for s in self.seqs)
+
+    def release_encoder_state(self) -> None:
+        """Drops the encoder output and cross-attention K/V once the request is done (whoever still holds
+        the request, its outputs, must not keep 18 MB per Whisper window alive)."""
+        self.encoder_state = None
+        self.cross_cache.clear()
 
 
 @dataclass(eq=False)
@@ -51,6 +58,7 @@ class Sequence:
     num_cached_tokens: int = 0
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] | None = None
+    grammar: object | None = None               # structured outputs: this sample's xgrammar GrammarMatcher
     # detokenizer state
     text: str = ""
     prefix_offset: int = 0

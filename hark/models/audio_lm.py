@@ -1,4 +1,4 @@
-"""What Qwen2-Audio and Ultravox share: an audio encoder whose embeddings feed a decoder LM.
+"""What Qwen2-Audio, Ultravox and MiniCPM-o share: an audio encoder whose embeddings feed a decoder LM.
 
 Subclasses build `audio_tower`, a projector and `language_model` (a hark Llama / Qwen2), then call
 `_bind_language_model()`; the engine's LM calls are delegated here.
@@ -31,17 +31,18 @@ class AudioLanguageModel(nn.Module):
         return self.language_model.compute_logits(hidden)
 
     @staticmethod
-    def _split_weights(weights: Iterable[tuple[str, torch.Tensor]], projector_prefix: str):
+    def _split_weights(weights: Iterable[tuple[str, torch.Tensor]], projector_prefix: str,
+                       audio_prefix: str = "audio_tower.", lm_prefix: str = "language_model."):
         """(audio tower weights, projector state dict, LM weights), their prefixes taken off; a
         weight under none of the three prefixes is an error."""
         audio, projector, lm = [], {}, []
         for name, tensor in weights:
-            if name.startswith("audio_tower."):
-                audio.append((name.removeprefix("audio_tower."), tensor))
+            if name.startswith(audio_prefix):
+                audio.append((name.removeprefix(audio_prefix), tensor))
             elif name.startswith(projector_prefix):
                 projector[name.removeprefix(projector_prefix)] = tensor
-            elif name.startswith("language_model."):
-                lm.append((name.removeprefix("language_model."), tensor))
+            elif name.startswith(lm_prefix):
+                lm.append((name.removeprefix(lm_prefix), tensor))
             else:
                 raise ValueError(f"checkpoint has an unexpected weight {name!r}")
         return audio, projector, lm

@@ -13,22 +13,57 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tokenizers import AddedToken
-from transformers import WhisperConfig, WhisperTokenizerFast
+
+from hark.models.whisper_tokenizer import WhisperTokenizer
 
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
 BF16_CODE = 5
 CT2_FLOAT_NAMES = {0: "float32", 4: "float16", 5: "bfloat16"}  # the checkpoint's dtype, for config.dtype
 GELU_CODE = 3  # ctranslate2.specs.common_spec.Activation.GELU
-TIMESTAMP_TOKEN = re.compile(r"<\|\d+\.\d+\|>")
 
 
 class CT2FormatError(ValueError):
     pass
+
+
+@dataclass
+class WhisperConfig:
+    """The fields of transformers' WhisperConfig that a CTranslate2 model fixes (the rest keep their
+    defaults); hark's Whisper reads only these, so loading one needs no transformers import."""
+    vocab_size: int
+    num_mel_bins: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_attention_heads: int
+    decoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    max_source_positions: int
+    max_target_positions: int
+    scale_embedding: bool
+    decoder_start_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    suppress_tokens: list | None
+    begin_suppress_tokens: list | None
+    dtype: str
+    activation_function: str = "gelu"
+    tie_word_embeddings: bool = True
+    architectures: tuple = ("WhisperForConditionalGeneration",)
+    model_type: str = "whisper"
+    is_encoder_decoder: bool = True
+
+    def to_transformers(self):
+        """transformers' WhisperConfig with these fields (imports transformers)."""
+        from transformers import WhisperConfig as HFWhisperConfig
+        fields = {k: v for k, v in asdict(self).items() if k not in ("model_type", "is_encoder_decoder")}
+        return HFWhisperConfig(**{**fields, "architectures": list(self.architectures)})
 
 
 @dataclass
@@ -154,8 +189,6 @@ def _hf_config(model: CT2ModelFile, vocabulary: list[str], ct2_config: dict) -> 
         pad_token_id=eot,
         suppress_tokens=ct2_config.get("suppress_ids"),
         begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
-        tie_word_embeddings=True,
-        architectures=["WhisperForConditionalGeneration"],
         dtype=CT2_FLOAT_NAMES.get(model.variables["decoder/layer_norm/gamma"].dtype_code, "float32"),
     )
 
@@ -214,24 +247,11 @@ def _state_dict(model: CT2ModelFile, config: WhisperConfig) -> Iterator[tuple[st
     yield "proj_out.weight", model.tensor(projection)
 
 
-def _tokenizer(path: str, vocabulary: list[str]) -> WhisperTokenizerFast:
-    """tokenizer.json's BPE plus every special and timestamp token of vocabulary.txt, at its id."""
-    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
-        bpe = json.load(f)["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
-    tokenizer = WhisperTokenizerFast(vocab=bpe["vocab"], merges=merges)
-    extra = vocabulary[len(bpe["vocab"]):]
-    specials = [t for t in extra if not TIMESTAMP_TOKEN.fullmatch(t)]
-    timestamps = [t for t in extra if TIMESTAMP_TOKEN.fullmatch(t)]
-    # As on the HF hub: control tokens are special, timestamps are plain added tokens after them.
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in specials]})
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
-    for token_id in (len(bpe["vocab"]), len(vocabulary) - 1):
-        if tokenizer.convert_ids_to_tokens(token_id) != vocabulary[token_id]:
-            raise CT2FormatError(f"{path}: tokenizer.json and vocabulary.txt disagree at id {token_id}")
-    tokenizer.set_prefix_tokens()
-    return tokenizer
+def _tokenizer(path: str, vocabulary: list[str]) -> WhisperTokenizer:
+    try:
+        return WhisperTokenizer(path, vocabulary)
+    except ValueError as e:
+        raise CT2FormatError(str(e)) from None
 
 
 def _generation_config(vocabulary: list[str], config: WhisperConfig, ct2_config: dict) -> dict:
@@ -261,9 +281,10 @@ def _generation_config(vocabulary: list[str], config: WhisperConfig, ct2_config:
 def load_ct2_whisper(path: str):
     """Read a CTranslate2 Whisper directory.
 
-    Returns (hf_config: WhisperConfig, weights: iterator of (HF parameter name, tensor),
-    tokenizer: WhisperTokenizerFast with timestamp tokens, generation_config: dict in the
-    format of HF's generation_config.json). Weights come in their stored float dtype (int8
+    Returns (hf_config: WhisperConfig (hark's, `.to_transformers()` for transformers'), weights:
+    iterator of (HF parameter name, tensor), tokenizer: WhisperTokenizer with timestamp tokens
+    (`.to_transformers()` for a WhisperTokenizerFast), generation_config: dict in the format of HF's
+    generation_config.json). Weights come in their stored float dtype (int8
     ones dequantized to float32); the caller casts.
     """
     if not is_ct2_whisper_dir(path):

@@ -74,6 +74,28 @@ class RotaryEmbedding(nn.Module):
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE (Qwen2-VL, Qwen2.5-Omni): each token has three positions (time, height,
+    width) and the rotary frequencies are split into mrope_section bands, band i turned by
+    position i % 3. positions [3, T] (or [T]: the same on all three axes, which is plain RoPE)."""
+
+    def __init__(self, config, max_positions: int, mrope_section: list[int]):
+        super().__init__(config, max_positions)
+        half = self.cos.shape[-1] // 2
+        if sum(mrope_section) != half:
+            raise ValueError(f"mrope_section {mrope_section} must add up to head_dim / 2 = {half}.")
+        band = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+        self.register_buffer("axis", torch.cat((band, band)), persistent=False)   # [D]: which position
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if positions.ndim == 1:
+            positions = positions.expand(3, -1)
+        index = positions[self.axis].t()                       # [T, D]: the position each dim turns by
+        cos = self.cos.gather(0, index).unsqueeze(1).to(q.dtype)
+        sin = self.sin.gather(0, index).unsqueeze(1).to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

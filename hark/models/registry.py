@@ -1,6 +1,9 @@
 """Maps config.json `architectures` to hark model classes and their prompt processors."""
 import importlib
 
+_OMNI = ("hark.models.qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration", "hark.multimodal.qwen2_5_omni",
+         "Qwen2_5OmniProcessor")
+
 # architecture: (model module, model class, processor module or None, processor class or None)
 _MODELS = {
     "LlamaForCausalLM": ("hark.models.llama", "LlamaForCausalLM", None, None),
@@ -9,7 +12,11 @@ _MODELS = {
                                         "hark.multimodal.whisper", "WhisperProcessor"),
     "Qwen2AudioForConditionalGeneration": ("hark.models.qwen2_audio", "Qwen2AudioForConditionalGeneration",
                                            "hark.multimodal.qwen2_audio", "Qwen2AudioProcessor"),
+    "Qwen2_5OmniThinkerForConditionalGeneration": _OMNI,
+    "Qwen2_5OmniModel": _OMNI,                              # the whole model (thinker + speech output):
+    "Qwen2_5OmniForConditionalGeneration": _OMNI,           # its thinker runs
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
+    "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
 }
 
 

@@ -1,7 +1,8 @@
 """Ultravox (fixie-ai): Whisper encoder, frame stacking + a SwiGLU projector, a Llama (or Qwen2) LM.
 
-Per clip: Whisper encoder frames (50 per second) are zero-padded to a multiple of stack_factor and
-every stack_factor of them concatenated; the projector maps each stack to one LM embedding:
+Per clip: Whisper encoder frames (50 per second) are padded to a multiple of stack_factor and
+every stack_factor of them concatenated (the padding: zeros where the features end with the clip;
+the encoder's outputs at masked positions where they were padded, as a long clip's last chunk is); the projector maps each stack to one LM embedding:
 RMSNorm -> linear_1 -> SwiGLU (x * silu(gate), halves in that order) -> [ln_mid] -> linear_2 ->
 [ln_post] (projector_ln_mid picks where the second norm sits: v0.5+ mid, older post).
 
@@ -24,7 +25,7 @@ from hark.inputs import AudioItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import Linear, RMSNorm
 from hark.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
-from hark.models.whisper_encoder import WhisperAudioEncoder
+from hark.models.whisper_encoder import WhisperAudioEncoder, conv_output_frames
 
 LANGUAGE_MODELS = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
 
@@ -120,7 +121,9 @@ class UltravoxModel(AudioLanguageModel):
     # --- audio --------------------------------------------------------------------------------
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] tensor per item; the encoder and projector run once over the batch."""
-        hidden = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
+        frames = [item.num_frames for item in items]
+        stacked = [math.ceil(conv_output_frames(n) / self.stack_factor) * self.stack_factor for n in frames]
+        hidden = self.audio_tower([item.features for item in items], frames, stacked)
         stacks = [self.stack_frames(h) for h in hidden]
         embeds = self.multi_modal_projector(torch.cat(stacks)).split([s.shape[0] for s in stacks])
         return [e.clone() for e in embeds]      # cached apart from the batch

@@ -1,8 +1,9 @@
-"""Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox): the shared part.
+"""Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox, MiniCPM-o): the shared part.
 
 A prompt names each audio with one placeholder token; processing loads the audio, turns it into
-`AudioItem`s and repeats the placeholder token once per audio embedding, so the runner can lay
-the encoder's outputs over exactly those positions.
+`AudioItem`s and writes each item's span in its place: the placeholder token once per audio
+embedding (MiniCPM-o puts chunk markers between them), so the runner can lay the encoder's outputs
+over exactly those positions.
 
 Accepted prompts (as vLLM):
   "text" | {"prompt": "text with placeholders", "multi_modal_data": {"audio": a | [a, ...]},
@@ -15,6 +16,10 @@ precomputed LM-space embeddings instead of audio.
 
 Long audio: the encoder sees at most 30 s. A longer clip is split into consecutive 30 s chunks,
 each encoded on its own; their embeddings follow one another over the clip's single placeholder.
+
+Sizes are transformers': a clip of L samples has ceil(L / 160) valid mel frames (a last partial
+hop counts; hark.audio.mel.valid_frames), chunk k holds min(3000, that - 3000 k) of them, and the
+model family turns a chunk's valid frames into its number of embeddings (num_embeds).
 
 Errors a user can cause (placeholders and audios that do not match, too many audios, unknown
 uuids, bad embeddings, unreadable media) are ValueErrors raised before anything is scheduled.
@@ -30,7 +35,8 @@ import numpy as np
 import torch
 
 from hark.audio import AudioLimits, load_audio
-from hark.chat import NO_CHAT_TEMPLATE
+from hark.audio.mel import log_mel_spectrogram, valid_frames
+from hark.chat import NO_CHAT_TEMPLATE, template_message
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
 from hark.multimodal.content_parts import AUDIO_KINDS, normalize_part
@@ -82,8 +88,10 @@ class AudioPromptProcessor:
     """The prompt processor of a decoder-only audio LLM. A model family sets:
 
     chat_placeholder(i): what a chat message holds for its i-th audio (1-based)
-    audio_features(samples): (features the encoder needs, valid mel frames) for <= 30 s of audio
+    encoder_inputs(samples): [(features the encoder needs, valid mel frames)], one per 30 s chunk
+        of a clip (16 kHz), the frames as chunk_frames(len(samples)) counts them
     num_embeds(mel_frames): LM embeddings the encoder yields for that many valid mel frames
+    and may set span_token_ids(n): the prompt tokens of an item of n embeddings (default: n audio tokens)
     """
     placeholder_text: str        # the text a prompt writes for one audio
 
@@ -114,13 +122,40 @@ class AudioPromptProcessor:
                                         allowed_local_root=config.allowed_local_media_path)
         self.named = NamedAudio(config.encoder_cache_bytes)
 
+    def window_inputs(self, samples) -> list[tuple[torch.Tensor, int]]:
+        """encoder_inputs for encoders that take each 30 s chunk's log-mel cut to its valid frames."""
+        inputs = []
+        for start in range(0, len(samples), self.window_samples):
+            chunk = samples[start: start + self.window_samples]
+            features, _ = log_mel_spectrogram([chunk], n_mels=self.n_mels, n_frames=self.window_frames)
+            frames = valid_frames(len(chunk))
+            inputs.append((features[0, :, :frames].clone(), frames))
+        return inputs
+
     # --- sizes --------------------------------------------------------------------------------
     def audio_tokens(self, duration_s: float) -> int:
         """Prompt tokens a clip of duration_s seconds occupies (all its 30 s chunks)."""
-        samples = int(round(duration_s * SAMPLE_RATE))
-        full, rest = divmod(samples, self.window_samples)
-        tokens = full * self.num_embeds(self.window_frames)
-        return tokens + (self.num_embeds(rest // HOP_LENGTH) if rest >= HOP_LENGTH else 0)
+        embeds = (self.num_embeds(f) for f in self.chunk_frames(int(round(duration_s * SAMPLE_RATE))))
+        return sum(len(self.span_token_ids(n)) for n in embeds if n)
+
+    def chunk_frames(self, num_samples: int) -> list[int]:
+        """Valid mel frames of each 30 s chunk of a clip of num_samples samples."""
+        frames = valid_frames(num_samples)
+        return [min(self.window_frames, frames - start) for start in range(0, frames, self.window_frames)]
+
+    def span_token_ids(self, num_embeddings: int) -> list[int]:
+        """The prompt tokens an item of num_embeddings audio embeddings is written as; its embeddings go
+        over the audio tokens among them, in order."""
+        return [self.audio_token_id] * num_embeddings
+
+    def item_token_ids(self, item: AudioItem) -> list[int]:
+        return self.span_token_ids(item.num_embeds if item.is_embed is None else int(item.is_embed.sum()))
+
+    def new_item(self, features, frames: int, key: str, num_embeddings: int, duration_s: float,
+                 embeddings: torch.Tensor | None = None) -> AudioItem:
+        ids = self.span_token_ids(num_embeddings)
+        is_embed = None if len(ids) == num_embeddings else torch.tensor(ids) == self.audio_token_id
+        return AudioItem(features, frames, key, len(ids), duration_s, embeddings=embeddings, is_embed=is_embed)
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
@@ -156,7 +191,7 @@ class AudioPromptProcessor:
             for item in group:
                 offsets.append(len(out))
                 items.append(item)
-                out.extend([self.audio_token_id] * item.num_embeds)
+                out.extend(self.item_token_ids(item))
             prev = slot + 1
         out.extend(ids[prev:])
         return ProcessedPrompt(out, items, offsets, prompt=text)
@@ -199,17 +234,15 @@ class AudioPromptProcessor:
             return items
         samples = load_audio(audio, target_sr=SAMPLE_RATE, limits=self.audio_limits)
         items = []
-        chunks = [samples[i: i + self.window_samples] for i in range(0, len(samples), self.window_samples)]
-        for k, chunk in enumerate(chunks):
-            features, frames = self.audio_features(chunk)
+        chunks = self.encoder_inputs(samples)
+        name = str(uuid) if uuid is not None else hash_audio(samples, SAMPLE_RATE, self.model_id)
+        for k, (features, frames) in enumerate(chunks):
             n = self.num_embeds(frames)
             if n == 0:          # a last chunk of a few ms adds nothing
                 continue
-            if uuid is None:
-                key = hash_audio(chunk, SAMPLE_RATE, self.model_id)
-            else:
-                key = str(uuid) if len(chunks) == 1 else f"{uuid}#{k}"
-            items.append(AudioItem(features, frames, key, n, len(chunk) / SAMPLE_RATE))
+            key = name if len(chunks) == 1 else f"{name}#{k}"   # a chunk's features may depend on the whole clip
+            seconds = min(self.window_samples, len(samples) - k * self.window_samples) / SAMPLE_RATE
+            items.append(self.new_item(features, frames, key, n, seconds))
         if not items:
             raise AudioPromptError(f"the audio is {len(samples) / SAMPLE_RATE * 1000:.0f} ms long, too short to "
                                    f"yield any audio embedding.")
@@ -224,7 +257,7 @@ class AudioPromptProcessor:
         digest = hashlib.blake2b(digest_size=32)
         digest.update(f"embeds\0{embeds.dtype}\0{tuple(embeds.shape)}\0".encode())
         digest.update(embeds.contiguous().view(torch.uint8).numpy().tobytes())
-        return AudioItem(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
+        return self.new_item(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
 
     # --- chat ---------------------------------------------------------------------------------
     def build_chat_prompt(self, conversation: list[dict], chat_template: str | None, add_generation_prompt: bool,
@@ -236,7 +269,7 @@ class AudioPromptProcessor:
         for message in conversation:
             content = message.get("content")
             if content is None or isinstance(content, str):
-                messages.append({"role": message["role"], "content": content or ""})
+                messages.append(template_message(message, content or ""))
                 continue
             pieces = []
             for part in map(normalize_part, content):
@@ -253,7 +286,7 @@ class AudioPromptProcessor:
                     raise AudioPromptError(f"content part {_describe(part)} is not supported; use text, input_audio, "
                                            f"audio_url, audio or audio_embeds.")
                 pieces.append(self.chat_placeholder(len(audios) + len(embeds)))
-            messages.append({"role": message["role"], "content": "\n".join(pieces)})
+            messages.append(template_message(message, "\n".join(pieces)))
         template = chat_template or self.chat_template
         if template is None:
             raise AudioPromptError(NO_CHAT_TEMPLATE)

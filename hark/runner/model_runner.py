@@ -23,11 +23,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         shape = (model.num_kv_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: attention reads only slots already written, and on CPU untouched pages
+        # cost no memory until a block is first used.
+        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
         for i, module in enumerate(model.kv_attention_modules()):
             module.k_cache, module.v_cache = self.k_cache[i], self.v_cache[i]
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        # M-RoPE models say where each prompt token sits (model.prompt_positions); others use token indices
+        self.model_positions = hasattr(model, "prompt_positions")
         self.encoder_calls = 0          # batched encoder invocations
         self.encoder_items = 0          # audio items encoded
 
@@ -66,7 +70,7 @@ class ModelRunner:
 
     def _audio_embeddings(self, seqs, counts, input_ids) -> torch.Tensor | None:
         """inputs_embeds with audio embeddings placed over the placeholder tokens of this chunk."""
-        needed: list[tuple[int, int, int, AudioItem]] = []   # (row, start, end) within the item
+        needed: list[tuple[int, int, int, AudioItem]] = []   # (row, start, end) within the item's span
         row = 0
         for seq, n in zip(seqs, counts):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -80,9 +84,24 @@ class ModelRunner:
             return None
         embeds = self.model.get_input_embeddings(input_ids)
         outputs = self.encode_audio([item for *_, item in needed])
-        for (row, lo, hi, _), out in zip(needed, outputs):
-            embeds[row: row + hi - lo] = out[lo:hi].to(embeds.dtype)
+        for (row, lo, hi, item), out in zip(needed, outputs):
+            if item.is_embed is None:
+                embeds[row: row + hi - lo] = out[lo:hi].to(embeds.dtype)
+            else:                           # only the marked positions, from the item's embedding count so far
+                first = int(item.is_embed[:lo].sum())
+                rows = row + item.is_embed[lo:hi].nonzero()[:, 0]
+                embeds[rows.to(embeds.device)] = out[first: first + len(rows)].to(embeds.dtype)
         return embeds
+
+    def _model_positions(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+        """[3, T] positions of this step's tokens, from each request's model-computed prompt positions."""
+        rows = []
+        for seq, n in zip(seqs, counts):
+            request = seq.request
+            if request.positions is None:
+                request.positions = self.model.prompt_positions(request.prompt)
+            rows.append(request.positions.rows(seq.num_computed_tokens, seq.num_computed_tokens + n))
+        return torch.cat(rows, dim=1)
 
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -94,7 +113,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            if not self.model_positions:
+                positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + n)
@@ -124,8 +144,11 @@ class ModelRunner:
         if len(logit_rows) != len(input_ids) or logit_rows != list(range(len(input_ids))):
             meta.output_rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
         meta.prepare()
-        hidden = self.model(ids, torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                            inputs_embeds=inputs_embeds)
+        if self.model_positions:
+            positions = self._model_positions(seqs, counts).to(dev)
+        else:
+            positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        hidden = self.model(ids, positions, meta, inputs_embeds=inputs_embeds)
         logits = self.model.compute_logits(hidden) if logit_rows else hidden.new_zeros(0, 0)
         prompt_logits = {i: (logits[a: a + n], first) for i, (a, n, first) in prompt_spans.items()}
         return ForwardResult(sample_rows, logits[sample_logit_start:], prompt_logits)

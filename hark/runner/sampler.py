@@ -1,6 +1,7 @@
 """Turns the logits of a batch into next tokens, each row under its own SamplingParams.
 
-Order per row: logits processors, allowed tokens and min_tokens (constraints) -> logprobs are taken
+Order per row: logits processors, allowed tokens, min_tokens and the grammar mask of a structured
+output (constraints) -> logprobs are taken
 here -> penalties -> greedy argmax, or temperature, top-k, top-p, min-p and a draw from the row's
 own torch.Generator (so a seeded request samples the same tokens in any batch).
 """
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from hark.engine.request import Sequence
+from hark.engine.structured_output import GrammarMask
 from hark.outputs import Logprob
 
 
@@ -80,9 +82,13 @@ def _top_logprobs(logprobs_row: torch.Tensor, token: int, k: int) -> dict[int, L
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> SampleResult:
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
+           grammar_mask: GrammarMask | None = None) -> SampleResult:
+    """grammar_mask: what the rows' grammars allow (StructuredOutputs.bitmask), if any row has one."""
     logits = logits.float()
     _apply_constraints(logits, seqs, eos_ids)
+    if grammar_mask is not None:
+        grammar_mask.apply(logits)
     logprobs = torch.log_softmax(logits, dim=-1)
     _apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1).tolist()

@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hark.chat import chat_template_text
 from hark.outputs import CompletionOutput, RequestOutput
-from hark.server.errors import error_body, to_api_error
+from hark.sampling import SamplingParams
+from hark.server import tools
+from hark.server.errors import APIError, error_body, to_api_error
 from hark.server.protocol import ChatCompletionRequest, CompletionRequest
 from hark.server.state import Admission, ServedModel
 
@@ -138,6 +141,13 @@ async def _sse_stream(served: ServedModel, ticket: Admission, outputs: AsyncIter
     yield sse("[DONE]")
 
 
+async def _compile_grammar(served: ServedModel, params: SamplingParams) -> None:
+    """Compiles the request's grammar off the event loop (a 400 if it is not valid; the engine then finds
+    it in the compiler's cache)."""
+    if params.structured_outputs is not None:
+        await asyncio.to_thread(served.engine.engine.structured_outputs.compile, params.structured_outputs)
+
+
 async def _start(served: ServedModel, request: Request, prompt, params, request_id: str):
     """Queues the request and waits for its first output (so errors still get a proper status code)."""
     processed = await served.engine.process_prompt(prompt)
@@ -150,10 +160,45 @@ async def _start(served: ServedModel, request: Request, prompt, params, request_
     return outputs, first
 
 
+def _chat_grammar(body: ChatCompletionRequest):
+    output, forced = body.output_grammar(), tools.forced_call_grammar(body)
+    if output is not None and forced is not None:
+        raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                            "response_format or structured outputs.", "tool_choice")
+    return output or forced
+
+
+def _message(c: CompletionOutput, body: ChatCompletionRequest) -> tuple[dict, str | None]:
+    """The assistant message of a choice and its finish_reason."""
+    if not tools.uses_tools(body):
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = tools.parse_tool_calls(c.text)
+    message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+    return message, _finish_reason(c.finish_reason, bool(calls), body)
+
+
+def _finish_reason(reason: str | None, called: bool, body: ChatCompletionRequest) -> str | None:
+    """"tool_calls" when the model chose to call (OpenAI says "stop" for a function it was told to call)."""
+    forced = body.tool_choice not in (None, "auto", "required")
+    return "tool_calls" if reason == "stop" and called and not forced else reason
+
+
+def _tool_delta(event: dict) -> dict:
+    if "content" in event:
+        return {"content": event["content"]}
+    return {"tool_calls": [{"index": event["index"], **event["tool_call"]}]}
+
+
 async def chat_completions(served: ServedModel, body: ChatCompletionRequest, request: Request):
-    params = body.to_sampling_params()
+    template = body.chat_template or served.chat_template
+    tools.check_tool_request(body, chat_template_text(served.engine.engine, template, tools.template_tools(body)))
+    params = body.to_sampling_params(_chat_grammar(body))
+    await _compile_grammar(served, params)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if tools.uses_tools(body):
+        template_kwargs["tools"] = tools.template_tools(body)
     prompt = await served.chat_prompt(body.conversation(), body.chat_template, body.add_generation_prompt,
-                                      body.chat_template_kwargs or {})
+                                      template_kwargs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     text = _TokenText(served.tokenizer)
@@ -168,15 +213,26 @@ async def chat_completions(served: ServedModel, body: ChatCompletionRequest, req
             finally:
                 await outputs.aclose()
             served.observe_finished(final)
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": chat_logprobs(c, 0, k, text) if body.logprobs else None,
-                        "finish_reason": c.finish_reason} for c in final.outputs]
+            choices = []
+            for c in final.outputs:
+                message, reason = _message(c, body)
+                choices.append({"index": c.index, "message": message,
+                                "logprobs": chat_logprobs(c, 0, k, text) if body.logprobs else None,
+                                "finish_reason": reason})
             return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([final])})
         ticket.keep()
 
     delta = _Delta(params.n)
+    parsers = [tools.ToolCallParser() for _ in range(params.n)] if tools.uses_tools(body) else None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunk_head = {**head, "object": "chat.completion.chunk"}
+
+    def deltas(c: CompletionOutput, content: str) -> list[dict]:
+        if parsers is None:
+            return [{"content": content} if content else {}]
+        parser = parsers[c.index]
+        events = parser.feed(content) + (parser.finish() if c.finish_reason else [])
+        return [_tool_delta(e) for e in events] or ([{}] if c.finish_reason or body.logprobs else [])
 
     def chunks(out: RequestOutput):
         if out is first:
@@ -187,10 +243,15 @@ async def chat_completions(served: ServedModel, body: ChatCompletionRequest, req
             if new is None:
                 continue
             content, start = new
-            choice = {"index": c.index, "delta": {"content": content} if content else {},
-                      "logprobs": chat_logprobs(c, start, k, text) if body.logprobs else None,
-                      "finish_reason": c.finish_reason}
-            yield {**chunk_head, "choices": [choice]}
+            found = deltas(c, content)
+            reason = c.finish_reason if parsers is None else _finish_reason(
+                c.finish_reason, parsers[c.index].num_calls > 0, body)
+            for i, d in enumerate(found):
+                last = i == len(found) - 1
+                yield {**chunk_head, "choices": [{
+                    "index": c.index, "delta": d,
+                    "logprobs": chat_logprobs(c, start, k, text) if body.logprobs and i == 0 else None,
+                    "finish_reason": reason if last else None}]}
 
     def final_chunk(out: RequestOutput):
         return {**chunk_head, "choices": [], "usage": usage([out])} if include_usage else None
@@ -204,6 +265,7 @@ async def completions(served: ServedModel, body: CompletionRequest, request: Req
     if body.stream and len(prompts) > 1:
         raise ValueError("stream=true takes a single prompt; send one request per prompt.")
     params = body.to_sampling_params()
+    await _compile_grammar(served, params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": served.name}
     text = _TokenText(served.tokenizer)

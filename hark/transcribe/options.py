@@ -21,6 +21,10 @@ class TranscriptionOptions:
     temperature: float | Sequence[float] = DEFAULT_TEMPERATURES   # fallback schedule
     best_of: int = 5                        # samples per window at a temperature > 0; the likeliest wins
     initial_prompt: str | None = None
+    prefix: str | None = None               # text the first window's transcript starts with (not repeated in it)
+    hotwords: str | None = None             # words to expect (names, terms), given as earlier text; not with prefix
+    clip_timestamps: Sequence[float] | None = None   # transcribe only start,end[,start,end...] seconds (end optional last)
+    max_new_tokens: int | None = None       # per window (default: half the decoder's context)
     compression_ratio_threshold: float | None = 2.4     # above: output is looping, decode again hotter
     logprob_threshold: float | None = -1.0              # below: output is unsure, decode again hotter
     no_speech_threshold: float | None = 0.6             # above (and unsure): the window is silence
@@ -41,5 +45,30 @@ class TranscriptionOptions:
             raise InvalidTranscriptionRequest(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not isinstance(self.best_of, int) or self.best_of < 1:
             raise InvalidTranscriptionRequest(f"best_of must be an integer ≥ 1, got {self.best_of!r}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise InvalidTranscriptionRequest(f"max_new_tokens must be an integer ≥ 1, got {self.max_new_tokens!r}")
+        if self.clip_timestamps is not None:
+            self.clip_timestamps = clip_spans(self.clip_timestamps)
         if self.max_initial_timestamp < 0:
             raise InvalidTranscriptionRequest(f"max_initial_timestamp must be ≥ 0, got {self.max_initial_timestamp}")
+
+
+def clip_spans(clip_timestamps) -> tuple[tuple[float, float], ...]:
+    """"0,30,45" or [0, 30, 45] -> ((0, 30), (45, inf)): start,end pairs in seconds; a last start
+    without an end runs to the end of the audio. Spans must be increasing and not overlap."""
+    values = clip_timestamps.split(",") if isinstance(clip_timestamps, str) else list(clip_timestamps)
+    try:
+        times = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InvalidTranscriptionRequest(
+            f"clip_timestamps must be numbers of seconds, start,end,... , got {clip_timestamps!r}") from None
+    if not times:
+        raise InvalidTranscriptionRequest("clip_timestamps is empty; give start,end pairs in seconds")
+    if len(times) % 2:
+        times.append(float("inf"))
+    spans = tuple(zip(times[::2], times[1::2]))
+    if any(not 0 <= start < end for start, end in spans) or any(
+            a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise InvalidTranscriptionRequest(
+            f"clip_timestamps must be increasing start,end pairs of seconds ≥ 0, got {clip_timestamps!r}")
+    return spans

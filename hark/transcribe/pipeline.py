@@ -26,6 +26,7 @@ from hark.inputs import ProcessedPrompt
 from hark.outputs import CompletionOutput
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
+from hark.transcribe.levels import peak_level, with_input_floor
 from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
 from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
@@ -38,6 +39,7 @@ from hark.transcribe.words import attach_words, trim_silence
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
 QUIET_SEARCH_S = 5.0  # a window ends at the quietest point of its last 5 s, where a pause between sentences likely is
+MAX_PREFIX_TOKENS = 223   # prefix and hotwords: under half the decoder's 448 positions, as faster-whisper cuts them
 MIN_TAIL_S = 0.3    # shorter unfinished tails are dropped, not decoded again
 DENSE_BATCH = 8     # windows per dense decoder run (cross-attention weights are [B, H, L, 1500] per layer)
 # Local files may be long: no duration cap, only sanity caps on memory (the server passes its own limits).
@@ -53,6 +55,7 @@ class Window:
     duration: float
     samples: np.ndarray
     initial_silence: float = 0.0          # tails: seconds of silence the decode saw at their start
+    prefix: list[int] = field(default_factory=list)   # prompt tokens after the task ones, as if decoded already
     index: int = 0                        # order of creation within the run (seeds its sampled decodes)
     processed: ProcessedPrompt | None = None
     no_speech_prob: float = math.nan      # from the dense probe, when one ran
@@ -149,11 +152,17 @@ class TranscriptionRun:
         self.windows: list[Window] = []     # every window, tails included, in order of creation
         self.timelines: list[list[Window]] = []     # per input, its windows in time order
         for i, samples in enumerate(self.inputs):
-            self.timelines.append([self._add_window(w) for w in _split(i, samples, opts.split)])
+            self.timelines.append([self._add_window(w) for start, end in _clips(samples, opts.clip_timestamps)
+                                   for w in _split(i, samples[start:end], opts.split, start / SAMPLE_RATE)])
+        # Each window's log-mel floor comes from its whole input's peak, as in openai-whisper (levels.py).
+        self.peaks = [max((peak_level(w.processed) for w in timeline), default=0.0) for timeline in self.timelines]
+        for w in self.windows:
+            w.processed = with_input_floor(w.processed, self.peaks[w.source])
         self.languages = [self.language_code or "en"] * len(self.inputs)
-        self.prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt)
+        self.prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt, None if opts.prefix else opts.hotwords)
+        self.prefix_tokens = vocab.encode(" " + opts.prefix.strip())[:MAX_PREFIX_TOKENS] if opts.prefix else []
         # When the decode prompt ends with <|startoftranscript|>, the decode's first step sees P(no speech).
-        self.ends_at_sot = not vocab.is_multilingual and opts.timestamps
+        self.ends_at_sot = not vocab.is_multilingual and opts.timestamps and not self.prefix_tokens
         timestamps = [] if opts.timestamps else list(range(vocab.timestamp_begin, engine.vocab_size))
         suppressed = vocab.suppress_tokens + timestamps
         self.suppress = SuppressTokens(suppressed, vocab.begin_suppress_tokens)
@@ -192,6 +201,7 @@ class TranscriptionRun:
             if w.tail is not None:
                 timeline = self.timelines[w.source]
                 timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
+                w.tail.processed = with_input_floor(w.tail.processed, self.peaks[w.source])
                 tails.append(w.tail)
             w.segments = self._segments(w)
             w.final = True
@@ -256,6 +266,10 @@ class TranscriptionRun:
             tokens = self.prompt_prefix + self.vocab.sot_sequence(self.languages[w.source], self.opts.task)
             if not self.opts.timestamps:
                 tokens.append(self.vocab.no_timestamps)
+            if self.prefix_tokens and w is self.timelines[w.source][0]:   # the input's first window
+                # faster-whisper's prompt: a segment opened at 0.00 that starts with the prefix
+                w.prefix = ([self.vocab.timestamp_begin] if self.opts.timestamps else []) + self.prefix_tokens
+                tokens += w.prefix
             w.processed = replace(w.processed, prompt_token_ids=tokens)
         return [self._decode(w, 0) for w in windows]
 
@@ -264,12 +278,12 @@ class TranscriptionRun:
         probe = NoSpeechProbe(vocab.no_speech) if self.ends_at_sot else None
         processors = ([probe] if probe else []) + [self.suppress]
         if opts.timestamps:
-            processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence))
+            processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence, w.prefix))
         max_context = self.engine.loaded.hf_config.max_target_positions
         prompt_len = len(w.processed.prompt_token_ids)
         temperature = opts.temperature[attempt]
         params = SamplingParams(
-            n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len)),
+            n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len, opts.max_new_tokens or max_context)),
             seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors,
             logprobs=0 if opts.logprobs else None)
         return WindowRequest(w, attempt, params, probe)
@@ -290,14 +304,22 @@ def _likelihood(completion: CompletionOutput) -> float:
     return completion.cumulative_logprob / max(1, len(completion.token_ids))
 
 
-def _split(source: int, samples: np.ndarray, how: str) -> list[Window]:
+def _clips(samples: np.ndarray, spans) -> list[tuple[int, int]]:
+    """The sample ranges to transcribe: all, or the clip_timestamps spans that hold audio."""
+    if spans is None:
+        return [(0, len(samples))]
+    ranges = [(round(start * SAMPLE_RATE), min(len(samples), round(min(end, 1e9) * SAMPLE_RATE))) for start, end in spans]
+    return [(a, b) for a, b in ranges if a < b]
+
+
+def _split(source: int, samples: np.ndarray, how: str, offset: float = 0.0) -> list[Window]:
     if len(samples) <= WINDOW_S * SAMPLE_RATE:
         chunks = [(samples, 0.0)]
     elif how == "speech":
         chunks = split_on_speech(samples, SAMPLE_RATE, max_clip_duration_s=WINDOW_S)
     else:
         chunks = split_audio(samples, SAMPLE_RATE, max_clip_duration_s=WINDOW_S, overlap_duration_s=QUIET_SEARCH_S)
-    return [Window(source, float(start), len(chunk) / SAMPLE_RATE, chunk) for chunk, start in chunks if len(chunk)]
+    return [Window(source, offset + float(start), len(chunk) / SAMPLE_RATE, chunk) for chunk, start in chunks if len(chunk)]
 
 
 def _engine_prompt(w: Window, decoder_tokens: list[int]) -> dict:
@@ -305,11 +327,12 @@ def _engine_prompt(w: Window, decoder_tokens: list[int]) -> dict:
             "decoder_prompt": decoder_tokens}
 
 
-def _previous_text_tokens(vocab: WhisperVocab, initial_prompt: str | None) -> list[int]:
-    """<|startofprev|> and the prompt's last tokens, which condition the decode on earlier text."""
-    if not initial_prompt or not initial_prompt.strip():
-        return []
-    return [vocab.sot_prev] + vocab.encode(" " + initial_prompt.strip())[-(224 - 1):]
+def _previous_text_tokens(vocab: WhisperVocab, initial_prompt: str | None, hotwords: str | None = None) -> list[int]:
+    """<|startofprev|>, then hotwords and the prompt's last tokens: earlier text the decode is conditioned
+    on (faster-whisper's order)."""
+    words = vocab.encode(" " + hotwords.strip())[:MAX_PREFIX_TOKENS] if hotwords and hotwords.strip() else []
+    text = vocab.encode(" " + initial_prompt.strip())[-(224 - 1):] if initial_prompt and initial_prompt.strip() else []
+    return [vocab.sot_prev] + words + text if words or text else []
 
 
 def _dense_batches(engine, windows: list[Window], tokens: list[list[int]]):

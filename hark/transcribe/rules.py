@@ -31,12 +31,15 @@ class TimestampRules:
     - when the probability mass of all timestamps beats the most likely text token, a timestamp is forced.
     """
 
-    def __init__(self, vocab: WhisperVocab, max_initial_timestamp: float | None = 1.0):
+    def __init__(self, vocab: WhisperVocab, max_initial_timestamp: float | None = 1.0, preceding: list[int] = ()):
         self.vocab = vocab
+        self.preceding = list(preceding)    # prompt tokens the rules count as output (a prefix)
         self.max_initial_index = None if max_initial_timestamp is None else round(max_initial_timestamp / TIME_PRECISION)
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         eot, ts_begin = self.vocab.eot, self.vocab.timestamp_begin
+        if self.preceding:
+            output_ids = self.preceding + list(output_ids)
         logits[self.vocab.no_timestamps] = NEG_INF
 
         if not output_ids:

@@ -1,8 +1,7 @@
 """The special tokens of a Whisper checkpoint and how to decode its text tokens."""
 from dataclasses import dataclass, field
 
-from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
+from hark.transcribe.languages import LANGUAGES, TO_LANGUAGE_CODE
 from hark.transcribe.options import InvalidTranscriptionRequest
 
 TIME_PRECISION = 0.02  # seconds per timestamp token

@@ -1,0 +1,204 @@
+"""The random-weight audio chat models benchmarks/audio_chat.py can run, each with its transformers side.
+
+A model registers a `BenchModel`: its prompt placeholder for one audio and a `build(path, size)`
+that writes a checkpoint hark loads from `path` and returns the transformers side as a `Reference`
+(generate greedy ids for a batch of (audio, question) requests). To add a model:
+
+    def build_voxtral(path: str, size: Size) -> Reference: ...
+    register(BenchModel("voxtral", "<placeholder>", build_voxtral, "what the transformers side is"))
+
+All models share one shape so their rates compare: a whisper-tiny-sized encoder (4 layers,
+d_model 384, 6 heads, FFN 1536, 30 s window) and an LM of Qwen2-0.5B's width (hidden 896, 14
+heads, 2 KV heads, FFN 4864; `--lm-hidden 512`: FFN 2048, 8 heads) with `--lm-layers` layers and a
+byte-level vocabulary (~260 tokens).
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Size:
+    lm_layers: int = 4
+    lm_hidden: int = 896
+
+    @property
+    def lm(self) -> dict:
+        """Keyword arguments for a Qwen2Config / LlamaConfig."""
+        return dict(hidden_size=self.lm_hidden, intermediate_size=4864 if self.lm_hidden == 896 else 4 * self.lm_hidden,
+                    num_hidden_layers=self.lm_layers, num_attention_heads=self.lm_hidden // 64, num_key_value_heads=2,
+                    max_position_embeddings=4096)
+
+
+ENCODER = dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
+               max_source_positions=1500)
+
+
+class Reference:
+    """The transformers side of a benchmark model."""
+    model: nn.Module          # everything with weights (for its parameter count and dtype)
+
+    def generate(self, requests: list[tuple[np.ndarray, str]], max_new: int, dtype: torch.dtype) -> list[list[int]]:
+        """Greedy new token ids (exactly max_new each) for a left-padded batch of (16 kHz audio, prompt text)."""
+        raise NotImplementedError
+
+
+@dataclass
+class BenchModel:
+    name: str
+    placeholder: str                                  # what a prompt writes for one audio
+    build: Callable[[str, Size], Reference]
+    reference: str                                    # what the transformers side is, for the report
+
+
+MODELS: dict[str, BenchModel] = {}
+
+
+def register(model: BenchModel) -> BenchModel:
+    MODELS[model.name] = model
+    return model
+
+
+def byte_tokenizer(path: str, special_tokens: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=special_tokens)
+    tok.padding_side = "left"
+    tok.save_pretrained(path)
+    return tok
+
+
+# --- Qwen2-Audio: transformers' Qwen2AudioProcessor + Qwen2AudioForConditionalGeneration ----------
+class Qwen2AudioReference(Reference):
+    def __init__(self, model, tok):
+        from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+        self.model, self.tok = model, tok
+        self.processor = Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tok)
+
+    @torch.no_grad()
+    def generate(self, requests, max_new, dtype):
+        inputs = self.processor(text=[q for _, q in requests], audio=[a for a, _ in requests], sampling_rate=16000,
+                                return_tensors="pt", padding=True)
+        inputs["input_features"] = inputs["input_features"].to(dtype)
+        out = self.model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                  pad_token_id=self.tok.eos_token_id)
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def build_qwen2_audio(path: str, size: Size) -> Reference:
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    tok = byte_tokenizer(path, ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"])
+    config = Qwen2AudioConfig(
+        audio_config=dict(ENCODER, num_mel_bins=128),
+        text_config=dict(size.lm, model_type="qwen2", vocab_size=len(tok), eos_token_id=tok.eos_token_id),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), architectures=["Qwen2AudioForConditionalGeneration"])
+    torch.manual_seed(0)
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    return Qwen2AudioReference(model, tok)
+
+
+register(BenchModel("qwen2_audio", "<|audio_bos|><|AUDIO|><|audio_eos|>", build_qwen2_audio,
+                    "transformers Qwen2AudioProcessor + Qwen2AudioForConditionalGeneration.generate"))
+
+
+# --- Ultravox: fixie-ai's model is remote code; its parts in transformers ----------------------------
+STACK = 8
+
+
+class UltravoxProjector(nn.Module):
+    """fixie-ai's projector (v0.5+: ln_mid): stack 8 frames, RMSNorm, linear, SwiGLU, RMSNorm, linear."""
+
+    def __init__(self, d_audio: int, hidden: int, d_text: int):
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        super().__init__()
+        self.ln_pre = LlamaRMSNorm(d_audio * STACK, eps=1e-6)
+        self.linear_1 = nn.Linear(d_audio * STACK, hidden, bias=False)
+        self.ln_mid = LlamaRMSNorm(hidden // 2, eps=1e-6)
+        self.linear_2 = nn.Linear(hidden // 2, d_text, bias=False)
+
+    def forward(self, frames):                        # [T, D] of one clip
+        t = math.ceil(frames.shape[0] / STACK) * STACK
+        x = F.pad(frames, (0, 0, 0, t - frames.shape[0])).reshape(t // STACK, -1)
+        x, gate = self.linear_1(self.ln_pre(x)).chunk(2, dim=-1)
+        return self.linear_2(self.ln_mid(F.silu(gate) * x))
+
+
+class UltravoxReference(Reference):
+    """transformers' WhisperFeatureExtractor (each clip at its own length, padded to a hop) and
+    WhisperEncoder layers (ModifiedWhisperEncoder: no 30 s padding), the projector above, and
+    LlamaForCausalLM.generate over the merged embeddings (clips of at most 30 s)."""
+
+    def __init__(self, encoder, projector, lm, tok, audio_token_id: int):
+        from transformers import WhisperFeatureExtractor
+        self.encoder, self.projector, self.lm, self.tok = encoder, projector, lm, tok
+        self.model = nn.ModuleList([encoder, projector, lm])
+        self.audio_token_id = audio_token_id
+        self.extractor = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
+
+    def embed(self, audio: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        enc = self.encoder
+        feats = self.extractor(audio, sampling_rate=16000, padding="longest", pad_to_multiple_of=160,
+                               return_tensors="pt").input_features.to(dtype)
+        x = F.gelu(enc.conv2(F.gelu(enc.conv1(feats)))).transpose(1, 2)
+        x = x + enc.embed_positions.weight[:x.shape[1]]
+        for layer in enc.layers:
+            x = layer(x, attention_mask=None)
+            x = x[0] if isinstance(x, tuple) else x
+        return self.projector(enc.layer_norm(x)[0])
+
+    @torch.no_grad()
+    def generate(self, requests, max_new, dtype):
+        rows = []
+        for audio, text in requests:
+            ids = self.tok.encode(text)
+            slot = ids.index(self.audio_token_id)
+            audio_embeds = self.embed(audio, dtype)
+            text_embeds = self.lm.get_input_embeddings()(torch.tensor(ids))
+            rows.append(torch.cat([text_embeds[:slot], audio_embeds, text_embeds[slot + 1:]]))
+        width = max(r.shape[0] for r in rows)
+        embeds = torch.stack([F.pad(r, (0, 0, width - r.shape[0], 0)) for r in rows])
+        mask = torch.stack([torch.arange(width) >= width - r.shape[0] for r in rows]).long()
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new,
+                               min_new_tokens=max_new, do_sample=False, pad_token_id=self.tok.eos_token_id)
+        return out.tolist()
+
+
+def build_ultravox(path: str, size: Size) -> Reference:
+    import json
+    import os
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    tok = byte_tokenizer(path, ["<|audio|>"])
+    audio_config = WhisperConfig(**ENCODER, num_mel_bins=80)
+    text_config = LlamaConfig(**size.lm, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                              architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    encoder, lm = WhisperEncoder(audio_config).eval(), LlamaForCausalLM(text_config).eval()
+    projector = UltravoxProjector(audio_config.d_model, 2 * size.lm_hidden, size.lm_hidden).eval()
+    config = {"architectures": ["UltravoxModel"], "model_type": "ultravox", "hidden_size": 2 * size.lm_hidden,
+              "stack_factor": STACK, "projector_act": "swiglu", "projector_ln_mid": True,
+              "audio_config": audio_config.to_dict(), "text_config": text_config.to_dict()}
+    weights = {f"audio_tower.{k}": v for k, v in encoder.state_dict().items()}
+    weights.update({f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()})
+    weights.update({f"language_model.{k}": v for k, v in lm.state_dict().items()})
+    save_file({k: v.clone().contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return UltravoxReference(encoder, projector, lm, tok, tok.convert_tokens_to_ids("<|audio|>"))
+
+
+register(BenchModel("ultravox", "<|audio|>", build_ultravox,
+                    "transformers WhisperFeatureExtractor + WhisperEncoder layers + fixie-ai's projector + "
+                    "LlamaForCausalLM.generate (fixie-ai's model is remote code)"))
