@@ -6,7 +6,7 @@ Accepts vLLM's two prompt styles:
    "decoder_prompt": "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"}  (or token ids)
 """
 import numpy as np
-from transformers.models.whisper.tokenization_whisper import LANGUAGES
+from hark.transcribe.languages import LANGUAGES
 
 from hark.audio import load_audio
 from hark.audio.mel import log_mel_spectrogram

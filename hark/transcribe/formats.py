@@ -9,7 +9,7 @@ highlight_words, a cue per word too, the spoken word underlined.
 import json
 from dataclasses import asdict, dataclass
 
-from transformers.models.whisper.tokenization_whisper import LANGUAGES
+from hark.transcribe.languages import LANGUAGES
 
 from hark.transcribe.options import InvalidTranscriptionRequest
 from hark.transcribe.result import Transcription, Word
