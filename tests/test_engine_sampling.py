@@ -94,6 +94,29 @@ def test_detokenizer_handles_split_utf8(qwen2_ckpt):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def force_tokens(ids: list[int]):
+    """A logits processor that makes the n-th output token ids[n]."""
+    def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(logits, float("-inf"))
+        forced[ids[len(output_ids)]] = 0.0
+        return forced
+    return force
+
+
+def test_output_ending_inside_a_character_keeps_its_bytes(qwen2_ckpt):
+    """Stopped by max_tokens halfway through '中': the held-back bytes end the text as U+FFFD, as
+    tokenizer.decode of the output gives, in the final output and in the streamed deltas."""
+    llm_path, _, tok = qwen2_ckpt
+    ids = tok.encode("ok 中")
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    llm = LLM(llm_path, max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=cut, ignore_eos=True,
+                            logits_processors=[force_tokens(ids[:cut])])
+    out = llm.generate("x", params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ids[:cut] and out.finish_reason == "length"
+    assert out.text == tok.decode(ids[:cut]) and out.text.endswith("\ufffd")
+
+
 def test_all_blocks_free_after_finish_abort_preempt(qwen2_ckpt):
     llm = LLM(qwen2_ckpt[0], block_size=4, num_kv_blocks=40, max_model_len=128, max_num_seqs=8)
     engine = llm.llm_engine

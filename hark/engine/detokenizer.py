@@ -34,6 +34,17 @@ class Detokenizer:
         seq.text += new_text
         return new_text
 
+    def flush(self, seq: Sequence) -> None:
+        """At the end of a sequence: text still held back (bytes of a character that never completed)
+        is appended as it decodes, U+FFFD included, as vLLM and transformers end such an output."""
+        if seq.read_offset >= len(seq.token_ids):
+            return
+        skip = seq.params.skip_special_tokens
+        prefix_text = self._decode(seq.token_ids[seq.prefix_offset: seq.read_offset], skip)
+        full_text = self._decode(seq.token_ids[seq.prefix_offset:], skip)
+        seq.text += full_text[len(prefix_text):]
+        seq.read_offset = len(seq.token_ids)
+
 
 def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:
     """If a stop string appears in the newest text, trims seq.text at it and returns it."""

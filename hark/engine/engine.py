@@ -243,6 +243,8 @@ class LLMEngine:
             elif seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason is not None:
+            if not isinstance(stop_reason, str):          # a stop string already cut the text
+                self.detokenizer.flush(seq)
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)
 
