@@ -19,3 +19,7 @@ class MediaFetchError(MediaError):
     def __init__(self, message: str, status_code: int | None = None):
         super().__init__(message)
         self.status_code = status_code  # the upstream's HTTP status, when it answered with an error
+
+
+class MediaDecodeError(MediaError):
+    """The data is not an image or video in a supported format, or it is corrupt or truncated."""
