@@ -47,7 +47,7 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
-        if lora_request is None or isinstance(lora_request, LoRARequest):
+        if not isinstance(lora_request, (list, tuple)):
             loras = [lora_request] * len(prompts)
         else:
             loras = list(lora_request)
