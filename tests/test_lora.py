@@ -192,6 +192,13 @@ def bad_adapters(root, every: str) -> dict:
     p = copy_adapter(every, root / "half")
     edit_weights(p, lambda sd: {k: v for k, v in sd.items() if "layers.0.self_attn.k_proj.lora_B" not in k})
     cases["missing-factor"] = (p, "k_proj has lora_B missing")
+    p = copy_adapter(every, root / "encoder")
+    edit_weights(p, lambda sd: {k.replace("model.layers.0.self_attn.q_proj", "model.audio_tower.layers.0.self_attn.q_proj"): v
+                                for k, v in sd.items()})
+    cases["outside-the-lm"] = (p, "'model.audio_tower.layers.0.self_attn.q_proj': it is outside the language model")
+    p = copy_adapter(every, root / "twice")
+    edit_weights(p, lambda sd: {**sd, **{k.replace("q_proj", "qkv_proj"): v.clone() for k, v in sd.items() if "layers.0.self_attn.q_proj" in k}})
+    cases["overlap"] = (p, "more than one update for the rows of 'model.layers.0.self_attn.q")
     p = copy_adapter(every, root / "dora")
     edit_config(p, use_dora=True)
     cases["dora"] = (p, "DoRA")
@@ -216,6 +223,48 @@ def test_bad_adapters_raise_before_scheduling(setup):
     for engine_llm in (strict, llm):             # both still serve
         out = engine_llm.generate(PROMPTS[0], GREEDY, use_tqdm=False, lora_request=loras[2])[0]
         assert out.outputs[0].token_ids == refs[2][0]
+
+
+def fuse_projections(src: str, dst: str, fused: dict[str, list[str]]) -> None:
+    """Rewrites adapter src as a checkpoint that fuses projections would hold it (Phi-3 / Phi-4's qkv_proj,
+    gate_up_proj): one lora_A / lora_B per fused linear, its rank the parts' ranks added up, B block-diagonal;
+    rank_pattern / alpha_pattern keep each update's scale."""
+    shutil.copytree(src, dst)
+    sd = load_file(os.path.join(src, "adapter_model.safetensors"))
+    config = json.load(open(os.path.join(src, "adapter_config.json")))
+    r, alpha = config["r"], config["lora_alpha"]
+    out = {}
+    for key, value in sd.items():
+        if not any(f".{part}." in key for parts in fused.values() for part in parts):
+            out[key] = value
+    layers = {k.split(".layers.")[1].split(".")[0] for k in sd}
+    for layer in layers:
+        for name, parts in fused.items():
+            block = "self_attn" if name == "qkv_proj" else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}."
+            a = torch.cat([sd[f"{prefix}{p}.lora_A.weight"] for p in parts])
+            b = torch.block_diag(*[sd[f"{prefix}{p}.lora_B.weight"] for p in parts])
+            out[f"{prefix}{name}.lora_A.weight"], out[f"{prefix}{name}.lora_B.weight"] = a, b.contiguous()
+    save_file(out, os.path.join(dst, "adapter_model.safetensors"))
+    config["target_modules"] = [m for m in config["target_modules"] if not any(m in p for p in fused.values())] + list(fused)
+    config["rank_pattern"] = {name: r * len(parts) for name, parts in fused.items()}
+    config["alpha_pattern"] = {name: alpha * len(parts) for name, parts in fused.items()}
+    json.dump(config, open(os.path.join(dst, "adapter_config.json"), "w"))
+
+
+def test_adapters_of_fused_projections_and_rank_alpha_patterns(setup):
+    """An adapter on fused qkv_proj / gate_up_proj (as Phi-4-multimodal's speech LoRA is) updates hark's
+    fused linears whole: the same ids as the unfused adapter it was made from, merged by peft."""
+    path, loras, refs, _, root = setup
+    fused = str(root / "fused")
+    if not os.path.exists(fused):
+        fuse_projections(loras[1].lora_path, fused, {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                     "gate_up_proj": ["gate_proj", "up_proj"]})
+    llm = LLM(path, enable_lora=True, max_loras=2, max_lora_rank=24)
+    which = mixed(len(PROMPTS))
+    lora_for = [None, LoRARequest("fused", 7, fused), loras[2]]
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=[lora_for[w] for w in which])
+    assert [o.outputs[0].token_ids for o in outs] == [refs[w][i] for i, w in enumerate(which)]
 
 
 def test_lora_arguments_are_checked(setup):

@@ -116,19 +116,23 @@ def read_adapter(request: LoRARequest, targets: LoRATargets, max_rank: int, dtyp
         raise ValueError(f"{what}: adapter_model holds no LoRA weights.")
 
     parts: dict[str, list] = {}          # hark linear -> [(shard, A [r, in], scaled B [size, r])]
-    taken = set()
+    taken: dict[str, list[tuple[int, int]]] = {}     # hark linear -> output row ranges updated so far
     largest = 0
     for module, factors in sorted(pairs.items()):
         if set(factors) != {"A", "B"}:
             raise ValueError(f"{what}: {module} has lora_{'A' if 'A' not in factors else 'B'} missing.")
         hit = targets.find(module)
+        if hit is None and targets.outside_lm(module):
+            raise ValueError(f"{what}: unknown target module {module!r}: it is outside the language model, and "
+                             f"hark's LoRA updates the language model's {', '.join(sorted(known))} only.")
         if hit is None:
             raise ValueError(f"{what}: unknown target module {module!r}; LoRA can update the language model's "
                              f"{', '.join(sorted(known))}.")
         name, shard = hit
-        if name in taken:
-            raise ValueError(f"{what}: more than one update for {module!r}.")
-        taken.add(name)
+        start, end = shard.offset, shard.offset + shard.size
+        if any(s < end and start < e for s, e in taken.setdefault(shard.module, [])):
+            raise ValueError(f"{what}: more than one update for the rows of {module!r}.")
+        taken[shard.module].append((start, end))
         a, b = factors["A"], factors["B"]
         linear = targets.modules[shard.module]
         rank = a.shape[0] if a.ndim == 2 else -1

@@ -2,7 +2,8 @@
 
 Adapters update the language model's projections (attention and MLP; not lm_head or embeddings). An
 adapter names them as transformers does (layers.0.self_attn.q_proj); where hark fuses projections into
-one linear (qkv_proj, gate_up_proj: the LM's packed_modules) each name is a row range of that linear.
+one linear (qkv_proj, gate_up_proj: the LM's packed_modules) each name is a row range of that linear,
+and the fused name is all of it (checkpoints that fuse them too: Phi-3, Phi-4-multimodal).
 """
 from dataclasses import dataclass
 
@@ -37,8 +38,8 @@ class LoRATargets:
             if not isinstance(module, Linear) or leaf == "lm_head":
                 continue
             modules[name] = module
+            shards[name] = Shard(name, 0, module.out_features)
             if leaf not in packed:
-                shards[name] = Shard(name, 0, module.out_features)
                 continue
             offset = 0
             for part, size in zip(packed[leaf], lm.shard_sizes(leaf)):
@@ -59,3 +60,8 @@ class LoRATargets:
             if name in self.shards and all(p in LM_PREFIX_PARTS for p in parts[:i]):
                 return name, self.shards[name]
         return None
+
+    def outside_lm(self, path: str) -> bool:
+        """Whether the path ends like one of the LM's projections but lies elsewhere (an audio encoder's)."""
+        parts = path.split(".")
+        return any(".".join(parts[i:]) in self.shards for i in range(1, len(parts)))
