@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from hark import LLM, SamplingParams
 from hark.lora import LoRARequest
-from tests.lora_adapters import ALL_PROJECTIONS, greedy_ids, make_adapter
+from lora_adapters import ALL_PROJECTIONS, greedy_ids, make_adapter
 
 PROMPTS = ["the cat sat on the mat and then", "in", "zebra",
            "a much longer prompt that spans several kv blocks of sixteen tokens, so that chunking matters here",
@@ -280,3 +280,35 @@ def test_lora_arguments_are_checked(setup):
         llm.generate("x", lora_request=[loras[1], loras[2]])
     with pytest.raises(ValueError, match="hark.lora.LoRARequest"):
         llm.generate("x", lora_request=[object()])
+
+
+def test_audio_language_model_adapter_with_audio_in_the_batch(tmp_path):
+    """Qwen2-Audio: an adapter on its language model (peft names it model.language_model.layers...),
+    requests with audio and without, with the adapter and without, in one batch: the ids of transformers'
+    model with the adapter merged. The audio encoder is not touched."""
+    from peft import LoraConfig, get_peft_model
+    from test_qwen2_audio import PLACEHOLDER, make_tiny_qwen2_audio, reference, speech
+    from transformers import Qwen2AudioForConditionalGeneration
+    base_path, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+    base, tok = make_tiny_qwen2_audio(base_path)
+    targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|v_proj|o_proj)|mlp\.down_proj)"
+    peft_model = get_peft_model(Qwen2AudioForConditionalGeneration.from_pretrained(base_path),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(adapter)
+    merged = peft_model.merge_and_unload().eval()
+    cases = [(f"{PLACEHOLDER}what is said?", [3.0]), ("no audio here, just text", []),
+             (f"{PLACEHOLDER}and here?", [5.0])]
+    lora = LoRARequest("audio-lm", 1, adapter)
+    prompts = [{"prompt": text, "multi_modal_data": {"audio": [(speech(s), 16000) for s in secs]}} if secs else text
+               for text, secs in cases] * 2
+    loras = [lora] * len(cases) + [None] * len(cases)
+    llm = LLM(base_path, enable_lora=True, max_lora_rank=4, max_num_batched_tokens=64)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)
+    want = [reference(m, tok, text, [speech(s) for s in secs]) for m in (merged, base) for text, secs in cases]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert want[:3] != want[3:]

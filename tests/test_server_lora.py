@@ -12,7 +12,7 @@ from hark.llm import LLM
 from hark.sampling import SamplingParams
 from hark.server.app import BackgroundServer
 from hark.server.launch import build_server_app
-from tests.lora_adapters import ALL_PROJECTIONS, make_adapter
+from lora_adapters import ALL_PROJECTIONS, make_adapter
 
 KEY = "test-key"
 PROMPT = "the cat sat on the mat and then"
