@@ -132,8 +132,10 @@ class AsyncLLMEngine:
             raise
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Loads an adapter in the engine thread, between steps (ValueError if it does not fit)."""
-        return await self.run_job(lambda engine: engine.add_lora(lora_request))
+        """Reads the adapter in a worker thread (ValueError if it does not fit), then loads it in the engine
+        thread between steps: reading a large adapter holds up no request."""
+        adapter = await asyncio.to_thread(self.engine.read_lora, lora_request)
+        return await self.run_job(lambda engine: engine.add_lora(lora_request, adapter))
 
     async def remove_lora(self, lora_id: int) -> bool:
         return await self.run_job(lambda engine: engine.remove_lora(lora_id))

@@ -13,6 +13,7 @@ from hark.engine.request import Request, Sequence
 from hark.engine.scheduler import Scheduler
 from hark.engine.structured_output import StructuredOutputs
 from hark.inputs import ProcessedPrompt
+from hark.lora.adapter import LoRAAdapter
 from hark.lora.manager import LoRAManager
 from hark.lora.request import LoRARequest
 from hark.models.loader import load_model
@@ -131,9 +132,14 @@ class LLMEngine:
             raise ValueError("LoRA is not enabled: create the engine with enable_lora=True (hark serve --enable-lora).")
         return self.lora
 
-    def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Loads a peft adapter; ValueError if it does not fit the model or the LoRA limits."""
-        return self._lora_manager().add_lora(lora_request)
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+        """Loads a peft adapter; ValueError if it does not fit the model or the LoRA limits. `adapter`:
+        what read_lora returned for it, when it was read ahead (the server reads off the engine thread)."""
+        return self._lora_manager().add_lora(lora_request, adapter)
+
+    def read_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Reads and checks an adapter without loading it (safe from any thread)."""
+        return self._lora_manager().read(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
         return self._lora_manager().remove_lora(lora_id)

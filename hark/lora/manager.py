@@ -38,9 +38,16 @@ class LoRAManager:
         self.users: dict[int, int] = {}          # adapter id -> live requests holding it
         self.removed: set[int] = set()           # removed while in use: unloaded once free
 
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """Reads and checks the adapter; changes nothing, so it may run off the engine's thread."""
+        if not isinstance(request, LoRARequest):
+            raise ValueError(f"lora_request must be a hark.lora.LoRARequest, got {type(request).__name__}.")
+        return read_adapter(request, self.targets, self.max_lora_rank, self.dtype, self.device)
+
     # --- vLLM's API -----------------------------------------------------------------------------
-    def add_lora(self, request: LoRARequest) -> bool:
-        """Loads the adapter (ValueError if it does not fit the model); True once it is loaded."""
+    def add_lora(self, request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+        """Loads the adapter (ValueError if it does not fit the model); True once it is loaded.
+        `adapter`: the request's adapter as read() returned it (read ahead, off the engine thread)."""
         if not isinstance(request, LoRARequest):
             raise ValueError(f"lora_request must be a hark.lora.LoRARequest, got {type(request).__name__}.")
         loaded = self.loaded.get(request.lora_int_id)
@@ -51,7 +58,8 @@ class LoRAManager:
             self.removed.discard(request.lora_int_id)     # removed while in use, and asked for again
             self.loaded.move_to_end(request.lora_int_id)
             return True
-        adapter = read_adapter(request, self.targets, self.max_lora_rank, self.dtype, self.device)
+        if adapter is None or adapter.request != request:
+            adapter = self.read(request)
         self._attach(adapter)
         self._evict(keep=adapter.id)
         logger.info("LoRA adapter %r (id %d) loaded: rank %d, %d linears, %.1f MiB", request.lora_name,
