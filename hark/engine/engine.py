@@ -60,8 +60,8 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV memory.")
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, bs, dtype, device, config.encoder_cache_bytes)
-        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank,
-                                config.max_cpu_loras) if config.enable_lora else None
+        self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras or config.max_loras
+                                ) if config.enable_lora else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras if config.enable_lora else None)
         self.detokenizer = Detokenizer(self.tokenizer)

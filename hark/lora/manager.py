@@ -20,15 +20,14 @@ logger = logging.getLogger("hark")
 
 
 class LoRAManager:
-    def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None):
+    def __init__(self, model: torch.nn.Module, max_lora_rank: int, max_cpu_loras: int):
         if getattr(model, "is_encoder_decoder", False):
             raise ValueError("enable_lora: LoRA adapters are served for decoder language models, not Whisper.")
         self.targets = LoRATargets.of(model)
         if not self.targets.modules:
             raise ValueError(f"enable_lora: {type(model).__name__} has no linear layers LoRA can update.")
-        self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
-        self.capacity = max_cpu_loras or max_loras
+        self.capacity = max_cpu_loras
         weight = next(iter(self.targets.modules.values())).weight
         self.dtype, self.device = weight.dtype, weight.device
         for linear in self.targets.modules.values():
