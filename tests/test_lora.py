@@ -48,14 +48,23 @@ def mixed(n: int) -> list[int]:
 ], ids=["batch", "chunked", "max-loras-1", "preemption"])
 def test_mixed_batch_matches_peft_merged(setup, engine_kwargs):
     path, loras, refs, _, _ = setup
-    llm = LLM(path, enable_lora=True, max_loras=engine_kwargs.pop("max_loras", 2), max_lora_rank=8, **engine_kwargs)
+    max_loras = engine_kwargs.pop("max_loras", 2)
+    llm = LLM(path, enable_lora=True, max_loras=max_loras, max_lora_rank=8, **engine_kwargs)
+    engine = llm.llm_engine
+    mixes, execute = [], engine.runner.execute
+
+    def counting(seqs, counts):           # how many adapters (and whether the base) each batch mixes
+        mixes.append({s.request.lora_int_id for s in seqs})
+        return execute(seqs, counts)
+    engine.runner.execute = counting
     which = mixed(2 * len(PROMPTS))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(which))]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=[loras[w] for w in which])
     got = [o.outputs[0].token_ids for o in outs]
     want = [refs[w][i % len(PROMPTS)] for i, w in enumerate(which)]
     assert got == want
-    engine = llm.llm_engine
+    assert max(len(m - {0}) for m in mixes) == max_loras          # never more adapters than max_loras
+    assert any(0 in m and len(m) > 1 for m in mixes)               # the base model shares batches too
     assert engine.kv.num_free_blocks == engine.kv.num_blocks and not engine.lora.users
     if "num_kv_blocks" in engine_kwargs:
         assert engine.scheduler.num_preemptions > 0
