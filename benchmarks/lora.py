@@ -4,9 +4,10 @@ A random Qwen2 of Qwen2-0.5B's width (throughput.py's checkpoint) and 4 random p
 on every attention and MLP projection. The merged model is the base with adapter 0 merged in (peft's
 merge_and_unload): what serving one fine-tune costs without LoRA. The LoRA engine runs the same requests,
 round-robin over the 4 adapters (max_loras=4: all of them in each batch). Greedy, ignore_eos; prefix
-caching off so both engines compute every prompt.
+caching off so both engines compute every prompt. The engines run in turn, --rounds times, and each
+one's best round counts (the machine is shared: the others' load comes and goes).
 
-    .venv/bin/python benchmarks/lora.py [--threads 1] [--layers 4] [--requests 32] [--rank 16]
+    .venv/bin/python benchmarks/lora.py [--threads 1] [--layers 4] [--requests 32] [--rank 16] [--rounds 2]
 """
 import argparse
 import os
@@ -42,16 +43,26 @@ def build_adapters(base: str, root: str, n: int, rank: int) -> tuple[list[str], 
     return paths, merged
 
 
-def run(path: str, reqs, loras=None, **engine_args) -> tuple[float, int, float]:
-    from hark import LLM, SamplingParams
-    llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False, **engine_args)
-    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False, lora_request=loras[:2] if loras else None)   # warm-up
-    with Timer() as t:
-        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return tokens / t.seconds, tokens, t.seconds
+class Engine:
+    def __init__(self, label: str, path: str, reqs, loras=None, **engine_args):
+        from hark import LLM, SamplingParams
+        self.label, self.loras, self.best = label, loras, None
+        self.llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False, **engine_args)
+        self.prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+        self.params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+        self.llm.generate(self.prompts[:2], self.params[:2], use_tqdm=False,
+                          lora_request=loras[:2] if loras else None)      # warm-up
+
+    def run(self) -> None:
+        with Timer() as t:
+            outs = self.llm.generate(self.prompts, self.params, use_tqdm=False, lora_request=self.loras)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        if self.best is None or t.seconds < self.best[1]:
+            self.best = (tokens, t.seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.best[0] / self.best[1]
 
 
 def main():
@@ -62,6 +73,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     set_threads(args.threads)
     from hark.lora import LoRARequest
@@ -77,12 +89,18 @@ def main():
     print(f"model: Qwen2 width 896, {args.layers} layers, vocab {args.vocab}, {params_m:.0f}M params, fp32, "
           f"{args.threads} threads; {len(reqs)} requests, {sum(m for _, m in reqs)} output tokens; "
           f"{args.adapters} adapters of rank {args.rank} on all 7 projections")
-    merged_tps, n, s = run(merged, reqs)
-    print(f"merged model (no LoRA)        : {merged_tps:8.1f} tok/s  ({n} tokens in {s:.1f} s)")
-    base_tps, n, s = run(base, reqs, enable_lora=True, max_loras=args.adapters, max_lora_rank=args.rank)
-    print(f"LoRA engine, no adapter used  : {base_tps:8.1f} tok/s  ({n} tokens in {s:.1f} s)")
-    lora_tps, n, s = run(base, reqs, loras, enable_lora=True, max_loras=args.adapters, max_lora_rank=args.rank)
-    print(f"{args.adapters} adapters mixed per batch   : {lora_tps:8.1f} tok/s  ({n} tokens in {s:.1f} s)")
+    lora_args = dict(enable_lora=True, max_loras=args.adapters, max_lora_rank=args.rank)
+    engines = [Engine("merged model (no LoRA)", merged, reqs),
+               Engine("LoRA engine, no adapter named", base, reqs, **lora_args),
+               Engine(f"{args.adapters} adapters mixed per batch", base, reqs, loras, **lora_args)]
+    for _ in range(args.rounds):
+        for engine in engines:
+            engine.run()
+    for engine in engines:
+        tokens, seconds = engine.best
+        print(f"{engine.label:<30}: {engine.tokens_per_s:8.1f} tok/s  ({tokens} tokens in {seconds:.1f} s, best of "
+              f"{args.rounds})")
+    merged_tps, lora_tps = engines[0].tokens_per_s, engines[2].tokens_per_s
     print(f"LoRA cost (merged / mixed): {merged_tps / lora_tps:.2f}x   peak RSS {peak_rss_mib():.0f} MiB")
 
 
