@@ -76,6 +76,27 @@ def test_model_names_an_adapter(client, offline):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text(every, chat=True)
 
 
+def test_concurrent_requests_for_the_base_and_adapters(server, client, offline, adapters):
+    """Requests for the base model and two adapters at once (they share the engine's batches)."""
+    import asyncio
+    text, every, qv = offline
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "qv", "lora_path": adapters[1]}).status_code == 200
+
+    async def ask_all():
+        aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        names = ["tiny", "every", "qv"] * 3
+        outs = await asyncio.gather(*(aclient.completions.create(model=n, prompt=PROMPT, temperature=0, max_tokens=12)
+                                      for n in names))
+        await aclient.close()
+        return names, outs
+    try:
+        names, outs = asyncio.run(ask_all())
+        want = {"tiny": text(None), "every": text(every), "qv": text(qv)}
+        assert [o.choices[0].text for o in outs] == [want[n] for n in names]
+    finally:
+        assert post(server, "/v1/unload_lora_adapter", {"lora_name": "qv"}).status_code == 200
+
+
 def test_models_lists_adapters_with_their_parent(client, adapters):
     cards = {m.id: m for m in client.models.list().data}
     assert list(cards)[:2] == ["tiny", "every"]
