@@ -4,6 +4,11 @@ Adapters update the language model's projections (attention and MLP; not lm_head
 adapter names them as transformers does (layers.0.self_attn.q_proj); where hark fuses projections into
 one linear (qkv_proj, gate_up_proj: the LM's packed_modules) each name is a row range of that linear,
 and the fused name is all of it (checkpoints that fuse them too: Phi-3, Phi-4-multimodal).
+
+A model takes adapters when its LM is `model.language_model` (or the model itself), its projections
+are hark.models.layers.Linear, and a linear that stacks several checkpoint projections is named in
+the LM's `packed_modules` ({"qkv_proj": ("q_proj", "k_proj", "v_proj")}) with `shard_sizes(name)`
+giving their output rows, as LlamaForCausalLM does.
 """
 from dataclasses import dataclass
 
