@@ -142,6 +142,7 @@ def test_adapter_endpoints_need_the_api_key(server, adapters):
         assert post(server, path, body, key="wrong").status_code == 401
     models = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
     assert [m["id"] for m in models] == ["tiny", "every"]      # nothing changed
+    assert 'hark_lora_adapters_loaded{model="tiny"} 1.0' in httpx.get(server + "/metrics").text
 
 
 def test_serve_arguments_are_checked(qwen2_ckpt):

@@ -179,7 +179,9 @@ class AsyncLLMEngine:
     def _run_job(self, job: _Job) -> None:
         try:
             if not job.cancelled:
-                job.resolve(job.fn(self.engine))
+                result = job.fn(self.engine)
+                self.stats = self.engine.stats()       # a job may change them (a LoRA adapter loaded)
+                job.resolve(result)
         except Exception as e:
             job.resolve(error=e)
         finally:

@@ -309,4 +309,6 @@ class LLMEngine:
             "encoder_cache_hits": self.runner.encoder_cache.hits,
             "encoder_calls": self.runner.encoder_calls,
             "max_concurrent_30s_audio_requests": self.max_concurrent_audio_requests(),
+            "lora_adapters_loaded": len(self.lora.list_loras()) if self.lora is not None else 0,
+            "lora_adapters_running": len({s.request.lora_int_id for s in self.scheduler.running} - {0}),
         }

@@ -40,16 +40,15 @@ def load_served_model(model: str | None, names: list[str], engine_args: dict, ar
     llm = LLM(model, allowed_media_domains=policy.allowed_domains, allowed_local_media_path=policy.allowed_local_root,
               device=args.device, seed=args.seed, generation_config=args.generation_config,
               **vllm_engine_flags(args), **engine_args)
-    served = ServedModel(names[0], AsyncLLMEngine(llm.llm_engine), metrics, policy, aliases=tuple(names[1:]),
-                         max_queued_requests=args.max_queued_requests,
-                         chat_template=chat_template_option(args.chat_template))
-    for module in lora_modules:                     # loaded before the first request: a bad one stops the start
-        if module.name in served.loras or module.name in names:
+    loras = {}
+    for i, module in enumerate(lora_modules, start=1):   # loaded before the engine starts: a bad one stops the start
+        if module.name in loras or module.name in names:
             raise ValueError(f"--lora-modules: the name {module.name!r} is given twice")
-        lora = LoRARequest(module.name, served.next_lora_id(), module.path, module.base_model_name)
-        llm.llm_engine.add_lora(lora)
-        served.loras[module.name] = lora
-    return served
+        loras[module.name] = LoRARequest(module.name, i, module.path, module.base_model_name)
+        llm.llm_engine.add_lora(loras[module.name])
+    return ServedModel(names[0], AsyncLLMEngine(llm.llm_engine), metrics, policy, aliases=tuple(names[1:]),
+                       max_queued_requests=args.max_queued_requests, chat_template=chat_template_option(args.chat_template),
+                       loras=loras, lora_ids=len(loras))
 
 
 def build_server_app(args):
