@@ -161,10 +161,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         grammar = self.structured_outputs.compile(params.structured_outputs) if params.structured_outputs else None
         n_prompt = len(processed.prompt_token_ids)
-        request = Request(request_id, processed, params)
-        if lora_request is not None:        # last of the checks: it holds the adapter from here on
-            request.lora_request = lora_request
-            request.lora_cache_key = self._lora_manager().acquire(lora_request)
+        request = Request(request_id, processed, params, lora_request=lora_request)
         request.metrics = RequestMetrics(arrival_time=time.time(), num_prompt_tokens=n_prompt)
         if self.model.is_encoder_decoder:
             request.cache_salt = processed.audio_items[0].hash if processed.audio_items else None
@@ -184,6 +181,8 @@ class LLMEngine:
             self.detokenizer.start(seq)
             request.seqs.append(seq)
             parent = parent or seq
+        if lora_request is not None:        # the last check (a bad adapter): it holds the adapter from here on
+            request.lora_cache_key = self._lora_manager().acquire(lora_request)
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
