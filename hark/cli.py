@@ -82,6 +82,12 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--transcription-dtype", default="auto", help="its dtype")
     p.add_argument("--limit-mm-per-prompt", default=None, help="JSON, e.g. '{\"audio\": 2}'")
     p.add_argument("--enable-mm-embeds", action="store_true", help="accept audio_embeds content parts")
+    p.add_argument("--enable-lora", action="store_true", help="serve peft LoRA adapters (model=<adapter name>)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="adapters to serve from the start: name=path, or JSON {\"name\", \"path\", \"base_model_name\"}")
+    p.add_argument("--max-loras", type=int, default=1, help="adapters one batch may mix")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="highest adapter rank accepted")
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded (default: --max-loras)")
     p.add_argument("--chat-template", default=None, help="Jinja template file or text (default: the checkpoint's)")
     p.add_argument("--allowed-media-domains", nargs="*", default=None, metavar="HOST",
                    help="hosts audio_url may fetch from over http(s) ('*.example.com' for subdomains)")
@@ -138,6 +144,10 @@ def fix_swallowed_positionals(args) -> None:
         if bad:
             args.parser.error(f"--allowed-media-domains takes host names (example.com, *.example.com), got "
                               f"{', '.join(bad)}")
+    if args.command == "serve" and args.lora_modules and args.model is None:
+        last = args.lora_modules[-1]
+        if "=" not in last and not last.lstrip().startswith("{"):
+            args.model = args.lora_modules.pop()
     if args.command == "chat" and args.message is None and args.audio:
         last = args.audio[-1]
         if not os.path.exists(last) and (" " in last or not FILE_EXTENSION.match(os.path.splitext(last)[1])):

@@ -29,6 +29,10 @@ class EngineConfig:
     allowed_local_media_path: str | None = None
     allowed_media_domains: tuple = ()
     generation_config: str = "auto"      # or a folder whose generation_config.json replaces the model's
+    enable_lora: bool = False            # serve peft LoRA adapters per request (generate(lora_request=...))
+    max_loras: int = 1                   # adapters one batch may mix
+    max_lora_rank: int = 16              # adapters of a higher rank are refused
+    max_cpu_loras: int | None = None     # adapters kept loaded (default: max_loras)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -37,6 +41,10 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be ≥ 1, got {self.max_num_batched_tokens}.")
         if self.block_size < 1:
             raise ValueError(f"block_size must be ≥ 1, got {self.block_size}.")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be ≥ 1, got {self.max_loras} and {self.max_lora_rank}.")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be ≥ max_loras ({self.max_loras}).")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}.")
 

@@ -22,6 +22,8 @@ IGNORED = {
     "max_seq_len_to_capture": "there are no CUDA graphs",
     "disable_custom_all_reduce": "hark runs on one device",
     "compilation_config": "hark does not compile the model",
+    "fully_sharded_loras": "hark runs on one device",
+    "lora_dtype": "adapters run in the model's dtype",
 }
 
 
@@ -38,6 +40,8 @@ class EngineArgs(EngineConfig):
     max_seq_len_to_capture: int | None = None
     disable_custom_all_reduce: bool = False
     compilation_config: object = None
+    fully_sharded_loras: bool = False
+    lora_dtype: str = "auto"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
 

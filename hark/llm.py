@@ -5,6 +5,7 @@ import torch
 
 from hark.engine.engine import LLMEngine
 from hark.engine_args import EngineArgs
+from hark.lora.request import LoRARequest
 from hark.outputs import RequestOutput
 from hark.sampling import SamplingParams
 
@@ -31,9 +32,10 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
-        if lora_request is not None:
-            raise ValueError("hark does not serve LoRA adapters; pass lora_request=None.")
+                 use_tqdm: bool = True, lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """lora_request: one adapter for every prompt, or a list with one (or None: the base model) per
+        prompt; the engine needs enable_lora=True."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -45,14 +47,24 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
-        return self._run(prompts, params, use_tqdm)
+        if not isinstance(lora_request, (list, tuple)):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts.")
+        return self._run(prompts, params, use_tqdm, loras)
 
-    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool,
+             loras: list[LoRARequest | None]) -> list[RequestOutput]:
         engine = self.llm_engine
         processed = [engine.process_prompt(p) for p in prompts]   # all validation before scheduling
         for p in params:
             p.validate()
-        ids = [engine.add_request(prompt, p, processed=pp) for prompt, p, pp in zip(prompts, params, processed)]
+        for lora in dict.fromkeys(lora for lora in loras if lora is not None):
+            engine.add_lora(lora)
+        ids = [engine.add_request(prompt, p, processed=pp, lora_request=lora)
+               for prompt, p, pp, lora in zip(prompts, params, processed, loras)]
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
         from tqdm import tqdm
@@ -72,14 +84,14 @@ class LLM:
         return results
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             lora_request: LoRARequest | None = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """messages: one conversation (list of OpenAI-style messages) or a list of conversations."""
         from hark.chat import build_chat_prompt
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [build_chat_prompt(self.llm_engine, conv, chat_template, add_generation_prompt,
                                      chat_template_kwargs or {}) for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def transcribe(self, audio, **kwargs):
         """Transcribes (or translates) audio of any length with a Whisper model; see hark.transcribe."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hark.engine.engine import LLMEngine
 from hark.inputs import ProcessedPrompt
+from hark.lora.request import LoRARequest
 from hark.outputs import RequestOutput
 from hark.sampling import SamplingParams
 
@@ -59,7 +60,7 @@ class AsyncLLMEngine:
         self.stats: dict = engine.stats()        # refreshed by the loop after every step
         self.num_steps = 0                       # engine steps run (each decodes one token per running sequence)
         self._streams: dict[str, _Stream] = {}
-        self._adds: list[tuple[str, object, SamplingParams, ProcessedPrompt]] = []
+        self._adds: list[tuple[str, object, SamplingParams, ProcessedPrompt, LoRARequest | None]] = []
         self._aborts: list[str] = []
         self._jobs: list[_Job] = []
         self._wake = threading.Condition()
@@ -79,7 +80,8 @@ class AsyncLLMEngine:
         return await asyncio.to_thread(self.engine.process_prompt, prompt)
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
-                       processed: ProcessedPrompt | None = None) -> AsyncIterator[RequestOutput]:
+                       processed: ProcessedPrompt | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as they move (text is cumulative). Leaving the iterator early
         (client gone, task cancelled) aborts the request and frees its KV blocks."""
         self._check_alive()
@@ -91,7 +93,7 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._wake:
-            self._adds.append((request_id, prompt, params, processed))
+            self._adds.append((request_id, prompt, params, processed, lora_request))
             self._wake.notify()
         finished = False
         try:
@@ -128,6 +130,15 @@ class AsyncLLMEngine:
         except asyncio.CancelledError:
             job.cancelled = True
             raise
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Reads the adapter in a worker thread (ValueError if it does not fit), then loads it in the engine
+        thread between steps: reading a large adapter holds up no request."""
+        adapter = await asyncio.to_thread(self.engine.read_lora, lora_request)
+        return await self.run_job(lambda engine: engine.add_lora(lora_request, adapter))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return await self.run_job(lambda engine: engine.remove_lora(lora_id))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         with self._wake:
@@ -168,7 +179,9 @@ class AsyncLLMEngine:
     def _run_job(self, job: _Job) -> None:
         try:
             if not job.cancelled:
-                job.resolve(job.fn(self.engine))
+                result = job.fn(self.engine)
+                self.stats = self.engine.stats()       # a job may change them (a LoRA adapter loaded)
+                job.resolve(result)
         except Exception as e:
             job.resolve(error=e)
         finally:
@@ -182,11 +195,12 @@ class AsyncLLMEngine:
             aborts, self._aborts = self._aborts, []
         for request_id in aborts:
             self.engine.abort_request(request_id)
-        for request_id, prompt, params, processed in adds:
+        for request_id, prompt, params, processed, lora_request in adds:
             if request_id not in self._streams:     # aborted before it was added
                 continue
             try:
-                self.engine.add_request(prompt, params, request_id=request_id, processed=processed)
+                self.engine.add_request(prompt, params, request_id=request_id, processed=processed,
+                                        lora_request=lora_request)
             except ValueError as e:
                 stream = self._streams.get(request_id)
                 if stream is not None:

@@ -13,6 +13,9 @@ from hark.engine.request import Request, Sequence
 from hark.engine.scheduler import Scheduler
 from hark.engine.structured_output import StructuredOutputs
 from hark.inputs import ProcessedPrompt
+from hark.lora.adapter import LoRAAdapter
+from hark.lora.manager import LoRAManager
+from hark.lora.request import LoRARequest
 from hark.models.loader import load_model
 from hark.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from hark.runner import sampler
@@ -57,7 +60,10 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV memory.")
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, bs, dtype, device, config.encoder_cache_bytes)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras or config.max_loras
+                                ) if config.enable_lora else None
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras if config.enable_lora else None)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         if hasattr(self.processor, "audio_tokens"):
@@ -120,23 +126,47 @@ class LLMEngine:
                              f"so it must be at most {self.max_model_len - 1} tokens.")
         return processed
 
+    # --- LoRA adapters (vLLM's LLMEngine methods) -----------------------------------------------
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True (hark serve --enable-lora).")
+        return self.lora
+
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+        """Loads a peft adapter; ValueError if it does not fit the model or the LoRA limits. `adapter`:
+        what read_lora returned for it, when it was read ahead (the server reads off the engine thread)."""
+        return self._lora_manager().add_lora(lora_request, adapter)
+
+    def read_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Reads and checks an adapter without loading it (safe from any thread)."""
+        return self._lora_manager().read(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self._lora_manager().remove_lora(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self._lora_manager().pin_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self._lora_manager().list_loras()
+
     # --- requests -----------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None,
-                    processed: ProcessedPrompt | None = None) -> str:
+                    processed: ProcessedPrompt | None = None, lora_request: LoRARequest | None = None) -> str:
         """Validates and queues a request. Raises ValueError before anything is scheduled."""
         params.validate()
         processed = processed or self.process_prompt(prompt)
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
+        grammar = self.structured_outputs.compile(params.structured_outputs) if params.structured_outputs else None
         n_prompt = len(processed.prompt_token_ids)
-        request = Request(request_id, processed, params)
+        request = Request(request_id, processed, params, lora_request=lora_request)
         request.metrics = RequestMetrics(arrival_time=time.time(), num_prompt_tokens=n_prompt)
         if self.model.is_encoder_decoder:
             request.cache_salt = processed.audio_items[0].hash if processed.audio_items else None
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-        grammar = self.structured_outputs.compile(params.structured_outputs) if params.structured_outputs else None
         parent = None
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else int(
@@ -151,6 +181,8 @@ class LLMEngine:
             self.detokenizer.start(seq)
             request.seqs.append(seq)
             parent = parent or seq
+        if lora_request is not None:        # the last check (a bad adapter): it holds the adapter from here on
+            request.lora_cache_key = self._lora_manager().acquire(lora_request)
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
@@ -164,8 +196,15 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
-        request.release_encoder_state()
+        self._release(request)
         return self._output(request)
+
+    def _release(self, request: Request) -> None:
+        """A request that is done lets go of its encoder state and its LoRA adapter."""
+        request.release_encoder_state()
+        if request.lora_request is not None and request.lora_cache_key is not None:
+            self.lora.release(request.lora_int_id)
+            request.lora_cache_key = None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -206,7 +245,7 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = time.time()
                 self.requests.pop(request.request_id, None)
-                request.release_encoder_state()
+                self._release(request)
             outputs.append(self._output(request))
         return outputs
 
@@ -271,4 +310,6 @@ class LLMEngine:
             "encoder_cache_hits": self.runner.encoder_cache.hits,
             "encoder_calls": self.runner.encoder_calls,
             "max_concurrent_30s_audio_requests": self.max_concurrent_audio_requests(),
+            "lora_adapters_loaded": len(self.lora.list_loras()) if self.lora is not None else 0,
+            "lora_adapters_running": len({s.request.lora_int_id for s in self.scheduler.running} - {0}),
         }

@@ -126,11 +126,14 @@ class KVCacheManager:
 
 
 def block_extra_keys(seq: Sequence, start: int, end: int) -> tuple:
-    """What besides token ids determines a block's KV: audio embedded in it, the request's salt."""
+    """What besides token ids determines a block's KV: audio embedded in it, the request's salt, its
+    LoRA adapter (in the first block: later blocks chain from it)."""
     request = seq.request
     keys = []
     if start == 0 and request.cache_salt is not None:
         keys.append(request.cache_salt)
+    if start == 0 and request.lora_cache_key is not None:
+        keys.append(("lora", request.lora_cache_key))
     prompt = request.prompt
     for item, offset in zip(prompt.audio_items, prompt.placeholder_offsets):
         if offset < end and offset + item.num_embeds > start:

@@ -6,6 +6,7 @@ from enum import Enum
 import torch
 
 from hark.inputs import ProcessedPrompt, PromptPositions
+from hark.lora.request import LoRARequest
 from hark.outputs import Logprob, RequestMetrics
 from hark.sampling import SamplingParams
 
@@ -29,6 +30,12 @@ class Request:
     cross_cache: dict = field(default_factory=dict)
     cache_salt: str | None = None                # mixed into the first block hash (audio of enc-dec)
     positions: PromptPositions | None = None     # M-RoPE models: the prompt's positions, from the model
+    lora_request: LoRARequest | None = None      # the adapter it runs with (None: the base model)
+    lora_cache_key: tuple | None = None          # mixed into the first block hash (set while it holds the adapter)
+
+    @property
+    def lora_int_id(self) -> int:
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def finished(self) -> bool:

@@ -6,6 +6,10 @@ what the budget leaves: chunked prefill); then waiting ones are admitted in arri
 budget, sequence slots and KV blocks for their whole remaining prompt last. When a running sequence needs a block and none is free,
 the newest running sequence is preempted: its blocks are freed and it is recomputed later from its
 tokens, so its output does not change.
+
+With LoRA (max_loras set), the running sequences use at most max_loras adapters: a waiting sequence
+whose adapter would be one more waits, and the others pass it. A batch is ordered by adapter, so each
+adapter's rows are one run for the grouped low-rank products.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -26,8 +30,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None):
         self.kv = kv
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -63,10 +69,15 @@ class Scheduler:
 
         if not preempted:
             skipped = []
+            adapters = {s.request.lora_int_id for s in self.running} - {0}
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if seq.parent is not None and not seq.parent.prefilled and not seq.parent.is_finished:
                     skipped.append(self.waiting.popleft())      # wait for the parent's prompt KV
+                    continue
+                adapter = seq.request.lora_int_id
+                if adapter and adapter not in adapters and len(adapters) >= (self.max_loras or 0):
+                    skipped.append(self.waiting.popleft())      # its adapter would be one too many
                     continue
                 if not seq.block_table:
                     self.kv.reuse_prefix(seq)
@@ -82,7 +93,12 @@ class Scheduler:
                 scheduled.append(seq)
                 counts.append(n)
                 budget -= n
+                if adapter:
+                    adapters.add(adapter)
             self.waiting.extendleft(reversed(skipped))
+        if self.max_loras is not None and len(scheduled) > 1:
+            order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.lora_int_id)
+            scheduled, counts = [scheduled[i] for i in order], [counts[i] for i in order]
         return ScheduledBatch(scheduled, counts, preempted)
 
     def _preempt(self, seq: Sequence) -> None:

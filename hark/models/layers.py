@@ -3,6 +3,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from hark.lora.rows import row_window
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # dtypes whose weights are packed: bfloat16 only where the CPU has bf16 instructions oneDNN uses
 PACKED_DTYPES = {torch.float32}
@@ -18,8 +20,13 @@ class Linear(nn.Linear):
     1.1-1.5x). It holds a second copy of the weight."""
 
     packed = packed_for = None
+    lora = None          # with LoRA enabled: a hark.lora.layer.LinearLoRA adding each adapter's update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dense(x)
+        return out if self.lora is None else self.lora(x, out)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not (ONEDNN and w.device.type == "cpu" and w.dtype == x.dtype and w.dtype in PACKED_DTYPES
                 and not torch.is_grad_enabled()):
@@ -116,7 +123,8 @@ def by_row_blocks(fn, x: torch.Tensor, width: int) -> torch.Tensor:
         return fn(x)
     out = torch.empty_like(x)
     for start in range(0, x.shape[0], rows):
-        out[start:start + rows] = fn(x[start:start + rows])
+        with row_window(x.shape[0], start):       # LoRA linears inside see this block's rows
+            out[start:start + rows] = fn(x[start:start + rows])
     return out
 
 

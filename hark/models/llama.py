@@ -54,6 +54,8 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     is_encoder_decoder = False
+    # fused projection -> the checkpoint's projections it stacks, in row order (weights and LoRA adapters)
+    packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, config, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -90,8 +92,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], prefix: str = "model.") -> None:
         """Loads HF names (model.layers.N.self_attn.q_proj.weight, lm_head.weight, ...)."""
         loader = WeightLoader(self)
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        fused = {part: (name, i) for name, parts in self.packed_modules.items() for i, part in enumerate(parts)}
         for name, tensor in weights:
             if name == "lm_head.weight":
                 if self.tie_word_embeddings:
@@ -107,14 +108,15 @@ class LlamaForCausalLM(nn.Module):
             if len(parts) >= 2 and parts[-2] in fused:
                 fused_name, shard = fused[parts[-2]]
                 target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-                sizes = self._shard_sizes(fused_name)
+                sizes = self.shard_sizes(fused_name)
                 offset = sum(sizes[:shard])
                 loader.copy(target, tensor, name, slice(offset, offset + sizes[shard]))
                 continue
             loader.copy(target, tensor, name)
         loader.check_complete()
 
-    def _shard_sizes(self, fused_name: str) -> list[int]:
+    def shard_sizes(self, fused_name: str) -> list[int]:
+        """Output rows of each projection that packed_modules[fused_name] stacks."""
         if fused_name == "qkv_proj":
             a = self.layers[0].self_attn
             return [a.q_size, a.kv_size, a.kv_size]

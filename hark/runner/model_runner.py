@@ -6,6 +6,7 @@ import torch
 from hark.engine.encoder_cache import EncoderCache
 from hark.engine.request import Sequence
 from hark.inputs import AudioItem
+from hark.lora.rows import AdapterRows, adapter_rows
 from hark.runner.attention import AttentionMetadata
 
 
@@ -103,6 +104,14 @@ class ModelRunner:
             rows.append(request.positions.rows(seq.num_computed_tokens, seq.num_computed_tokens + n))
         return torch.cat(rows, dim=1)
 
+    @staticmethod
+    def _adapter_rows(seqs: list[Sequence], counts: list[int], output_rows: list[int] | None) -> AdapterRows | None:
+        """The LoRA adapter of each row of this step (None when no sequence has one)."""
+        if all(s.request.lora_request is None for s in seqs):
+            return None
+        ids = [i for s, n in zip(seqs, counts) for i in [s.request.lora_int_id] * n]
+        return AdapterRows.of(ids, output_rows)
+
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], counts: list[int]) -> ForwardResult:
@@ -141,14 +150,21 @@ class ModelRunner:
             meta.cross_caches = [s.request.cross_cache for s in seqs]
         elif any(s.request.prompt.audio_items for s in seqs):
             inputs_embeds = self._audio_embeddings(seqs, counts, ids)
-        if len(logit_rows) != len(input_ids) or logit_rows != list(range(len(input_ids))):
-            meta.output_rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+        reorder = None
+        if logit_rows != list(range(len(input_ids))):
+            if len(logit_rows) == len(input_ids):    # all rows out of order (prompt logprobs of several sequences)
+                reorder = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+            else:
+                meta.output_rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
         meta.prepare()
         if self.model_positions:
             positions = self._model_positions(seqs, counts).to(dev)
         else:
             positions = torch.tensor(positions, dtype=torch.long, device=dev)
-        hidden = self.model(ids, positions, meta, inputs_embeds=inputs_embeds)
+        with adapter_rows(self._adapter_rows(seqs, counts, logit_rows if meta.output_rows is not None else None)):
+            hidden = self.model(ids, positions, meta, inputs_embeds=inputs_embeds)
+        if reorder is not None:
+            hidden = hidden[reorder]
         logits = self.model.compute_logits(hidden) if logit_rows else hidden.new_zeros(0, 0)
         prompt_logits = {i: (logits[a: a + n], first) for i, (a, n, first) in prompt_spans.items()}
         return ForwardResult(sample_rows, logits[sample_logit_start:], prompt_logits)

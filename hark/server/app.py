@@ -10,15 +10,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hark.server import audio, completions
+from hark.server import audio, completions, lora
 from hark.server.body_limit import BodyLimit
 from hark.server.errors import APIError, error_response, install_error_handlers
 from hark.server.metrics import Metrics
-from hark.server.protocol import ChatCompletionRequest, CompletionRequest
+from hark.server.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
+                                  UnloadLoRAAdapterRequest)
 from hark.server.state import ServedModel
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions", "/v1/audio/translations",
-             "/v1/models", "/health", "/metrics")
+             "/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics")
 
 
 class _Gate:
@@ -72,17 +73,24 @@ def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None =
     app.state.max_upload_bytes = max_upload_bytes
     install_error_handlers(app)
 
-    def pick(name: str | None, whisper: bool) -> ServedModel:
-        if name is not None and name not in by_name:
+    def pick(name: str | None, whisper: bool):
+        """(the served model, the LoRA adapter or None) that `model=name` asks for."""
+        adapter = lora.find_adapter(models, name) if name is not None and name not in by_name else None
+        if name is not None and name not in by_name and adapter is None:
+            names = [*by_name, *(n for m in models for n in m.loras)]
             raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists "
-                                f"{', '.join(repr(n) for n in by_name)}", param="model", code="model_not_found")
-        served = by_name[name] if name is not None else next(
-            (m for m in models if m.is_whisper == whisper), models[0])
+                                f"{', '.join(repr(n) for n in names)}", param="model", code="model_not_found")
+        if adapter is not None:
+            served, lora_request = adapter
+        else:
+            lora_request = None
+            served = by_name[name] if name is not None else next(
+                (m for m in models if m.is_whisper == whisper), models[0])
         if served.is_whisper != whisper:
             kind = "a Whisper model: use /v1/audio/transcriptions" if served.is_whisper else \
                 "not a Whisper model: it cannot transcribe"
-            raise APIError(400, f"model {served.name!r} is {kind}", param="model")
-        return served
+            raise APIError(400, f"model {name or served.name!r} is {kind}", param="model")
+        return served, lora_request
 
     @app.get("/health")
     async def health():
@@ -100,28 +108,36 @@ def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None =
 
     @app.get("/v1/models")
     async def list_models():
-        now = int(time.time())
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": now, "owned_by": "hark",
-             "max_model_len": m.engine.engine.max_model_len} for name, m in by_name.items()]})
+        return JSONResponse({"object": "list", "data": lora.model_cards(models, int(time.time()))})
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        return await completions.chat_completions(pick(body.model, whisper=False), body, request)
+        served, lora_request = pick(body.model, whisper=False)
+        return await completions.chat_completions(served, body, request, lora_request)
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest, request: Request):
-        return await completions.completions(pick(body.model, whisper=False), body, request)
+        served, lora_request = pick(body.model, whisper=False)
+        return await completions.completions(served, body, request, lora_request)
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         form = await audio.read_form(request)
-        return await audio.transcribe(pick(form.model, whisper=True), form, "transcribe", request)
+        return await audio.transcribe(pick(form.model, whisper=True)[0], form, "transcribe", request)
 
     @app.post("/v1/audio/translations")
     async def translations(request: Request):
         form = await audio.read_form(request)
-        return await audio.transcribe(pick(form.model, whisper=True), form, "translate", request)
+        return await audio.transcribe(pick(form.model, whisper=True)[0], form, "translate", request)
+
+    if any(m.engine.engine.lora is not None for m in models):
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+            return await lora.load_adapter(models, body)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+            return await lora.unload_adapter(models, body)
 
     app.add_middleware(BodyLimit, max_upload_bytes=max_upload_bytes,
                        max_json_bytes=max_upload_bytes * 4 // 3 + 2**20, read_timeout_s=body_read_timeout_s)

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hark.chat import chat_template_text
+from hark.lora.request import LoRARequest
 from hark.outputs import CompletionOutput, RequestOutput
 from hark.sampling import SamplingParams
 from hark.server import tools
@@ -148,10 +149,10 @@ async def _compile_grammar(served: ServedModel, params: SamplingParams) -> None:
         await asyncio.to_thread(served.engine.engine.structured_outputs.compile, params.structured_outputs)
 
 
-async def _start(served: ServedModel, request: Request, prompt, params, request_id: str):
+async def _start(served: ServedModel, request: Request, prompt, params, request_id: str, lora: LoRARequest | None):
     """Queues the request and waits for its first output (so errors still get a proper status code)."""
     processed = await served.engine.process_prompt(prompt)
-    outputs = served.engine.generate(prompt, params, request_id, processed)
+    outputs = served.engine.generate(prompt, params, request_id, processed, lora)
     try:
         first = await unless_disconnected(request, outputs.__anext__())
     except BaseException:
@@ -189,7 +190,8 @@ def _tool_delta(event: dict) -> dict:
     return {"tool_calls": [{"index": event["index"], **event["tool_call"]}]}
 
 
-async def chat_completions(served: ServedModel, body: ChatCompletionRequest, request: Request):
+async def chat_completions(served: ServedModel, body: ChatCompletionRequest, request: Request,
+                           lora: LoRARequest | None = None):
     template = body.chat_template or served.chat_template
     tools.check_tool_request(body, chat_template_text(served.engine.engine, template, tools.template_tools(body)))
     params = body.to_sampling_params(_chat_grammar(body))
@@ -203,10 +205,10 @@ async def chat_completions(served: ServedModel, body: ChatCompletionRequest, req
     created = int(time.time())
     text = _TokenText(served.tokenizer)
     k = body.top_logprobs or 0
-    head = {"id": request_id, "created": created, "model": served.name}
+    head = {"id": request_id, "created": created, "model": lora.lora_name if lora else served.name}
 
     with served.admit() as ticket:
-        outputs, first = await _start(served, request, prompt, params, request_id)
+        outputs, first = await _start(served, request, prompt, params, request_id, lora)
         if not body.stream:
             try:
                 final = first if first.finished else await unless_disconnected(request, _last(outputs))
@@ -260,14 +262,15 @@ async def chat_completions(served: ServedModel, body: ChatCompletionRequest, req
                              media_type="text/event-stream")
 
 
-async def completions(served: ServedModel, body: CompletionRequest, request: Request):
+async def completions(served: ServedModel, body: CompletionRequest, request: Request, lora: LoRARequest | None = None):
     prompts = body.prompts()
     if body.stream and len(prompts) > 1:
         raise ValueError("stream=true takes a single prompt; send one request per prompt.")
     params = body.to_sampling_params()
     await _compile_grammar(served, params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": served.name}
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": lora.lora_name if lora else served.name}
     text = _TokenText(served.tokenizer)
     k = body.logprobs or 0
     n = params.n
@@ -280,7 +283,7 @@ async def completions(served: ServedModel, body: CompletionRequest, request: Req
     if not body.stream:
         with served.admit():
             async def run(i: int, prompt) -> RequestOutput:
-                outputs, first = await _start(served, request, prompt, params, f"{request_id}-{i}")
+                outputs, first = await _start(served, request, prompt, params, f"{request_id}-{i}", lora)
                 try:
                     return first if first.finished else await unless_disconnected(request, _last(outputs))
                 finally:
@@ -292,7 +295,7 @@ async def completions(served: ServedModel, body: CompletionRequest, request: Req
         return JSONResponse({**head, "choices": choices, "usage": usage(finals)})
 
     with served.admit() as ticket:
-        outputs, first = await _start(served, request, prompts[0], params, request_id)
+        outputs, first = await _start(served, request, prompts[0], params, request_id, lora)
         ticket.keep()
     delta = _Delta(n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -33,6 +33,9 @@ class Metrics:
                                      ["model"], registry=r)
         self.encoder_cache_hits = Gauge("hark_encoder_cache_hits", "Audio encoder outputs reused from the cache",
                                         ["model"], registry=r)
+        self.lora_loaded = Gauge("hark_lora_adapters_loaded", "LoRA adapters loaded", ["model"], registry=r)
+        self.lora_running = Gauge("hark_lora_adapters_running", "LoRA adapters the running sequences use",
+                                  ["model"], registry=r)
 
     def observe_finished(self, model: str, out: RequestOutput) -> None:
         """Token counts and latencies of a finished request."""
@@ -57,4 +60,6 @@ class Metrics:
             self.kv_free.labels(name).set(s["kv_free_blocks"])
             self.prefix_hit_rate.labels(name).set(s["prefix_cache_hit_rate"])
             self.encoder_cache_hits.labels(name).set(s["encoder_cache_hits"])
+            self.lora_loaded.labels(name).set(s["lora_adapters_loaded"])
+            self.lora_running.labels(name).set(s["lora_adapters_running"])
         return generate_latest(self.registry)

@@ -175,3 +175,15 @@ class CompletionRequest(_Sampling):
         if all(isinstance(x, list) for x in p):
             return [{"prompt_token_ids": x} for x in p]
         raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of such lists.")
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter, as vLLM takes it."""
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter, as vLLM takes it (lora_int_id may name the adapter instead)."""
+    lora_name: str | None = None
+    lora_int_id: int | None = None

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from hark.chat import build_chat_prompt
 from hark.engine.async_engine import AsyncLLMEngine
+from hark.lora.request import LoRARequest
 from hark.media import MediaPolicy, afetch_media
 from hark.multimodal.content_parts import normalize_part
 from hark.outputs import RequestOutput
@@ -50,6 +51,12 @@ class ServedModel:
     chat_template: str | None = None
     aliases: tuple = ()          # further names the model answers to (--served-model-name a b, whisper-1)
     in_flight: int = 0
+    loras: dict[str, LoRARequest] = field(default_factory=dict)   # LoRA adapters it serves, by model name
+    lora_ids: int = 0            # the last lora_int_id handed out
+
+    def next_lora_id(self) -> int:
+        self.lora_ids += 1
+        return self.lora_ids
 
     @property
     def tokenizer(self):
