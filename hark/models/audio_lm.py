@@ -1,4 +1,5 @@
-"""What Qwen2-Audio, Ultravox and MiniCPM-o share: an audio encoder whose embeddings feed a decoder LM.
+"""What Qwen2-Audio, Ultravox, MiniCPM-o and LLaVA share: an audio (or vision) encoder whose embeddings
+feed a decoder LM.
 
 Subclasses build `audio_tower`, a projector and `language_model` (a hark Llama / Qwen2), then call
 `_bind_language_model()`; the engine's LM calls are delegated here.
@@ -46,3 +47,16 @@ class AudioLanguageModel(nn.Module):
             else:
                 raise ValueError(f"checkpoint has an unexpected weight {name!r}")
         return audio, projector, lm
+
+
+def legacy_name(name: str) -> str:
+    """transformers 5 in-memory names (model.audio_tower.*, model.vision_tower.*, model.multi_modal_projector.*,
+    model.language_model.*, lm_head.*) -> the published checkpoints' names (audio_tower.*, ...,
+    language_model.model.*, language_model.lm_head.*)."""
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name.removeprefix("model.language_model.")
+    if name.startswith(("model.audio_tower.", "model.vision_tower.", "model.multi_modal_projector.")):
+        return name.removeprefix("model.")
+    return name

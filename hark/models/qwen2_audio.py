@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 from hark.inputs import AudioItem
-from hark.models.audio_lm import AudioLanguageModel
+from hark.models.audio_lm import AudioLanguageModel, legacy_name
 from hark.models.layers import Linear
 from hark.models.llama import Qwen2ForCausalLM
 from hark.models.whisper_encoder import WhisperAudioEncoder
@@ -45,15 +45,3 @@ class Qwen2AudioForConditionalGeneration(AudioLanguageModel):
             raise ValueError("checkpoint is missing multi_modal_projector.linear weights")
         self.multi_modal_projector.load_state_dict(projector)
         self.language_model.load_weights(lm)
-
-
-def legacy_name(name: str) -> str:
-    """transformers 5 in-memory names (model.audio_tower.*, model.language_model.*, lm_head.*) ->
-    the published checkpoints' names (audio_tower.*, language_model.model.*, language_model.lm_head.*)."""
-    if name == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    if name.startswith("model.language_model."):
-        return "language_model.model." + name.removeprefix("model.language_model.")
-    if name.startswith(("model.audio_tower.", "model.multi_modal_projector.")):
-        return name.removeprefix("model.")
-    return name

@@ -16,6 +16,8 @@ _MODELS = {
     "Qwen2_5OmniModel": _OMNI,                              # the whole model (thinker + speech output):
     "Qwen2_5OmniForConditionalGeneration": _OMNI,           # its thinker runs
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
+    "LlavaForConditionalGeneration": ("hark.models.llava", "LlavaForConditionalGeneration", "hark.multimodal.llava",
+                                      "LlavaProcessor"),
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
 }
 
