@@ -33,11 +33,9 @@ def photos():
     return [photo("astronaut_160.jpg"), hubble.crop((0, 0, 300, 200)), hubble.crop((400, 500, 640, 900))]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def make_tiny_llava(path: str):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration
-    path = str(tmp_path_factory.mktemp("llava"))
     tok = make_byte_tokenizer(path, ["<image>"], LLAVA_TEMPLATE)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=56, patch_size=14, projection_dim=16)
@@ -53,7 +51,13 @@ def ckpt(tmp_path_factory):
     model.eval()
     model.save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(path)
-    return path, model, tok
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llava"))
+    return path, *make_tiny_llava(path)
 
 
 def reference(path, model, tok, text: str, images: list) -> list[int]:

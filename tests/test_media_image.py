@@ -58,9 +58,9 @@ def test_decompression_bomb_refused_from_its_header():
     data = huge_png()
     assert len(data) < 20_000
     start = time.perf_counter()
-    with pytest.raises(MediaTooLargeError, match="pixels"):
+    with pytest.raises(MediaError, match="pixels"):
         decode_image(data)                                        # over Pillow's own cap too
-    with pytest.raises(MediaTooLargeError, match="7000 x 7000"):
+    with pytest.raises(MediaError, match="7000 x 7000"):
         decode_image(huge_png(7000))                              # under Pillow's, over ours
     assert time.perf_counter() - start < 1.0
 
@@ -88,7 +88,7 @@ def test_animated_gif_with_100k_frames_refused_quickly():
     start = time.perf_counter()
     with pytest.raises(MediaError, match="animated"):
         decode_image(data)
-    with pytest.raises(MediaTooLargeError, match="frames"):
+    with pytest.raises(MediaError, match="frames"):
         decode_video(data, limits=VideoLimits(max_decoded_frames=1000))
     assert time.perf_counter() - start < 5.0
 
@@ -141,9 +141,9 @@ def test_video_frames_evenly_spaced():
 
 
 def test_video_caps():
-    with pytest.raises(MediaTooLargeError, match="longer than"):
+    with pytest.raises(MediaError, match="longer than"):
         decode_video(make_video(3.0), limits=VideoLimits(max_duration_s=1.0))
-    with pytest.raises(MediaTooLargeError, match="64 x 48"):
+    with pytest.raises(MediaError, match="64 x 48"):
         decode_video(make_video(0.5), limits=VideoLimits(max_side=32))
     with pytest.raises(MediaDecodeError, match="not a video"):
         decode_video(b"definitely not a video file")

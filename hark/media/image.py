@@ -1,4 +1,5 @@
 """Decoding images (PNG, JPEG, WebP, GIF, BMP, TIFF) with Pillow, with caps checked before pixels exist.
+Caps on pixels are request errors (MediaError, HTTP 400); only byte caps are MediaTooLargeError (413).
 
 Pillow reads the header first: size, pixel count and animation are checked there, so a few-KB PNG that
 claims 30000 x 30000 pixels is refused before a byte of its pixels is decoded. Only the formats listed
@@ -28,7 +29,7 @@ class ImageLimits:
 
 def check_image_size(width: int, height: int, limits: ImageLimits) -> None:
     if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
-        raise MediaTooLargeError(
+        raise MediaError(
             f"image is {width} x {height} pixels, over the limit of {limits.max_pixels} pixels "
             f"({limits.max_side} per side); send a smaller image")
     if min(width, height) < limits.min_side:
@@ -48,7 +49,7 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):   # Pillow's own cap, ~89 M pixels
-        raise MediaTooLargeError(f"image claims more pixels than the limit of {limits.max_pixels}; "
+        raise MediaError(f"image claims more pixels than the limit of {limits.max_pixels}; "
                                  "send a smaller image") from None
     except UnidentifiedImageError:
         raise MediaDecodeError(f"the data is not an image in a supported format "

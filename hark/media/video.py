@@ -50,7 +50,7 @@ def decode_video(data: bytes, num_frames: int = 32, limits: VideoLimits | None =
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
         if max(width, height) > limits.max_side or width * height > limits.max_frame_pixels:
-            raise MediaTooLargeError(f"video is {width} x {height} pixels, over the limit of "
+            raise MediaError(f"video is {width} x {height} pixels, over the limit of "
                                      f"{limits.max_side} per side and {limits.max_frame_pixels} per frame")
         kept, stride, seen, last_t = [], 1, 0, 0.0
         try:
@@ -58,7 +58,7 @@ def decode_video(data: bytes, num_frames: int = 32, limits: VideoLimits | None =
                 t = float(frame.time) if frame.time is not None else seen / float(stream.average_rate or 25)
                 seen += 1
                 if seen > limits.max_decoded_frames or t > limits.max_duration_s:
-                    raise MediaTooLargeError(
+                    raise MediaError(
                         f"video is longer than the limit of {limits.max_duration_s:g} s or "
                         f"{limits.max_decoded_frames} frames; send a shorter clip")
                 if frame.width != width or frame.height != height:

@@ -74,24 +74,26 @@ class ServedModel:
 
     async def chat_prompt(self, messages: list, chat_template: str | None, add_generation_prompt: bool,
                           template_kwargs: dict):
-        """The engine prompt for a conversation; audio URLs are fetched here (async, under the media
-        policy) and handed on as data: URLs, so the model's processor never touches the network."""
-        messages = [await self._fetch_audio_urls(m) for m in messages]
+        """The engine prompt for a conversation; audio and image URLs are fetched here (async, under the
+        media policy) and handed on as data: URLs, so the model's processor never touches the network."""
+        messages = [await self._fetch_media_urls(m) for m in messages]
         return await asyncio.to_thread(build_chat_prompt, self.engine.engine, messages,
                                        chat_template or self.chat_template, add_generation_prompt, template_kwargs)
 
-    async def _fetch_audio_urls(self, message):
+    async def _fetch_media_urls(self, message):
         if not isinstance(message, dict) or not isinstance(message.get("content"), list):
             return message
         parts = []
         for part in map(normalize_part, message["content"]):
-            if isinstance(part, dict) and part.get("type") == "audio_url":
-                url = (part.get("audio_url") or {}).get("url") if isinstance(part.get("audio_url"), dict) else None
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("audio_url", "image_url"):
+                spec = part.get(kind)
+                url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str):
-                    raise ValueError("an audio_url content part needs {'audio_url': {'url': '...'}}.")
+                    raise ValueError(f"an {kind} content part needs {{'{kind}': {{'url': '...'}}}}.")
                 if not url[:5].lower() == "data:":
                     data = await afetch_media(url, self.media_policy)
-                    part = {**part, "audio_url": {**part["audio_url"], "url": _data_url(data)}}
+                    part = {**part, kind: {**(spec if isinstance(spec, dict) else {}), "url": _data_url(data)}}
             parts.append(part)
         return {**message, "content": parts}
 
