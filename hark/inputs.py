@@ -15,6 +15,7 @@ class AudioItem:
     # bool [num_embeds]: the prompt positions that take the item's embeddings, in order (None: all); the
     # others keep their token's embedding (MiniCPM-o's chunk markers between them)
     is_embed: torch.Tensor | None = None
+    grid_thw: tuple[int, int, int] | None = None   # images / video: the (frames, rows, columns) patch grid
 
 
 @dataclass

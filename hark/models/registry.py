@@ -18,6 +18,8 @@ _MODELS = {
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
     "LlavaForConditionalGeneration": ("hark.models.llava", "LlavaForConditionalGeneration", "hark.multimodal.llava",
                                       "LlavaProcessor"),
+    "Qwen2VLForConditionalGeneration": ("hark.models.qwen2_vl", "Qwen2VLForConditionalGeneration",
+                                        "hark.multimodal.qwen2_vl", "Qwen2VLProcessor"),
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
 }
 

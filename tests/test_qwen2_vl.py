@@ -1,0 +1,107 @@
+"""Qwen2-VL on hark: greedy parity with transformers on a tiny random checkpoint with real photos of different
+sizes (native-resolution grids, M-RoPE positions), 0, 1 and 2 images per prompt, batched; chat; logits."""
+import os
+
+import pytest
+import torch
+
+from hark import LLM, SamplingParams
+from conftest import make_byte_tokenizer, randomize
+from test_llava import photos
+
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+MAX_NEW = 8
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+# Qwen2-VL's template, cut down: a message's parts in order, images as vision spans
+TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 20)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    path = str(tmp_path_factory.mktemp("qwen2_vl"))
+    tok = make_byte_tokenizer(path, ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"], TEMPLATE)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    randomize(model, std=0.1)
+    model.eval()
+    model.save_pretrained(path)
+    image_processor().save_pretrained(path)
+    return path, model, tok
+
+
+def reference_inputs(tok, text: str, images: list) -> dict:
+    """transformers' image processor, and <|image_pad|> repeated grid.prod() / 4 times and marked in
+    mm_token_type_ids as Qwen2VLProcessor writes them (that class needs torchvision for its video half)."""
+    inputs = {}
+    if images:
+        inputs = dict(image_processor()(images=images, return_tensors="pt"))
+        pieces = text.split("<|image_pad|>")
+        counts = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]
+        text = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:]))
+    ids = torch.tensor([tok.encode(text)])
+    image_tokens = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).int()     # the processor's mm_token_type_ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": image_tokens, **inputs}
+
+
+def reference(model, tok, text: str, images: list) -> list[int]:
+    inputs = reference_inputs(tok, text, images)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+CASES = [
+    ("text only, no image", []),
+    (f"{VISION}what is in it?", [0]),
+    (f"first {VISION} then {VISION} which is the sky?", [1, 2]),
+    (f"{VISION}the astronaut again, wider: {VISION}", [0, 1]),
+]
+
+
+def test_greedy_matches_transformers(ckpt):
+    path, model, tok = ckpt
+    images = photos()
+    llm = LLM(path, max_num_batched_tokens=32)          # chunked prefill cuts through the image spans
+    prompts = [{"prompt": text, "multi_modal_data": {"image": [images[i] for i in idx]}} if idx else text
+               for text, idx in CASES]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    expected = [reference(model, tok, text, [images[i] for i in idx]) for text, idx in CASES]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    grids = {tuple(g) for g in image_processor()(images=images, return_tensors="pt")["image_grid_thw"].tolist()}
+    assert len(grids) == 3                               # three different grids: native resolution
+    assert llm.llm_engine.runner.encoder_items == 3
+
+
+def test_logits_close_and_chat(ckpt):
+    path, model, tok = ckpt
+    image = photos()[1]
+    llm = LLM(path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "sky?"}]}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=1, logprobs=5), use_tqdm=False)[0]
+    assert out.prompt == f"<|im_start|>user\n{VISION}sky?<|im_end|>\n<|im_start|>assistant\n"
+    with torch.no_grad():
+        logits = model(**reference_inputs(tok, out.prompt, [image])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)
+    for token, logprob in out.outputs[0].logprobs[0].items():
+        assert abs(logprob.logprob - expected[token].item()) < 1e-4
