@@ -1,4 +1,4 @@
-"""Qwen2-VL on hark: greedy parity with transformers on a tiny random checkpoint with real photos of different
+"""Qwen2-VL and Qwen2.5-VL (windowed vision attention) on hark: greedy parity with transformers on a tiny random checkpoint with real photos of different
 sizes (native-resolution grids, M-RoPE positions), 0, 1 and 2 images per prompt, batched; chat; logits."""
 import os
 
@@ -11,7 +11,7 @@ from test_llava import photos
 
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 MAX_NEW = 8
-GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)   # as min_new_tokens: no EOS
 # Qwen2-VL's template, cut down: a message's parts in order, images as vision spans
 TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
@@ -25,23 +25,31 @@ def image_processor():
     return Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 20)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    path = str(tmp_path_factory.mktemp("qwen2_vl"))
+VISION_CONFIGS = {   # Qwen2.5-VL: windows of 56 px = 2 x 2 merge units, block 1 of 3 attends to the whole image
+    "Qwen2VLForConditionalGeneration": dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, mlp_ratio=2),
+    "Qwen2_5_VLForConditionalGeneration": dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4,
+                                               out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]),
+}
+
+
+@pytest.fixture(scope="module", params=list(VISION_CONFIGS))
+def ckpt(request, tmp_path_factory):
+    import transformers
+    arch = request.param
+    path = str(tmp_path_factory.mktemp(arch))
     tok = make_byte_tokenizer(path, ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"], TEMPLATE)
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+    config_cls = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))
+    config = config_cls(
+        vision_config=dict(**VISION_CONFIGS[arch], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                          eos_token_id=tok.eos_token_id, tie_word_embeddings=False),
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False)
+        architectures=[arch], tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = getattr(transformers, arch)(config)
     randomize(model, std=0.1)
     model.eval()
     model.save_pretrained(path)
@@ -105,3 +113,18 @@ def test_logits_close_and_chat(ckpt):
     expected = torch.log_softmax(logits.float(), -1)
     for token, logprob in out.outputs[0].logprobs[0].items():
         assert abs(logprob.logprob - expected[token].item()) < 1e-4
+
+
+def test_image_embeddings_close_to_transformers(ckpt):
+    """The vision tower's outputs themselves (greedy ids of a tiny LM can hide a wrong attention window)."""
+    path, model, tok = ckpt
+    llm = LLM(path)
+    images = photos()
+    items = [llm.llm_engine.process_prompt({"prompt": VISION, "multi_modal_data": {"image": im}}).audio_items[0]
+             for im in images]
+    mine = llm.llm_engine.runner.encode_audio(items)
+    inputs = image_processor()(images=images, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    for a, b in zip(mine, theirs):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -4,6 +4,8 @@ import importlib
 _OMNI = ("hark.models.qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration", "hark.multimodal.qwen2_5_omni",
          "Qwen2_5OmniProcessor")
 
+_QWEN2_VL = ("hark.models.qwen2_vl", "Qwen2VLForConditionalGeneration", "hark.multimodal.qwen2_vl", "Qwen2VLProcessor")
+
 # architecture: (model module, model class, processor module or None, processor class or None)
 _MODELS = {
     "LlamaForCausalLM": ("hark.models.llama", "LlamaForCausalLM", None, None),
@@ -18,8 +20,8 @@ _MODELS = {
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
     "LlavaForConditionalGeneration": ("hark.models.llava", "LlavaForConditionalGeneration", "hark.multimodal.llava",
                                       "LlavaProcessor"),
-    "Qwen2VLForConditionalGeneration": ("hark.models.qwen2_vl", "Qwen2VLForConditionalGeneration",
-                                        "hark.multimodal.qwen2_vl", "Qwen2VLProcessor"),
+    "Qwen2VLForConditionalGeneration": _QWEN2_VL,
+    "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,             # the same model; its vision tower differs
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
 }
 
