@@ -16,6 +16,7 @@ class AudioItem:
     # others keep their token's embedding (MiniCPM-o's chunk markers between them)
     is_embed: torch.Tensor | None = None
     grid_thw: tuple[int, int, int] | None = None   # images / video: the (frames, rows, columns) patch grid
+    fps: float | None = None                        # video: frames per second of the frames given
 
 
 @dataclass

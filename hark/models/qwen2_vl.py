@@ -1,10 +1,12 @@
-"""Qwen2-VL (`Qwen2VLForConditionalGeneration`), images: its native-resolution vision tower
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`),
+images and video: the native-resolution vision tower
 (hark.models.qwen2_vl_vision) and a Qwen2 LM with multimodal RoPE.
 
 An image of patch grid (t, h, w) gives t * h * w / 4 embeddings, laid over its <|image_pad|> tokens.
 Positions (M-RoPE, as transformers' get_rope_index): text tokens advance all three axes together;
 an image placed at position p gives its tokens (p + frame, p + row, p + column) over the merged
-grid, and the text after it resumes at p + max(h, w) / 2. Generated tokens continue from the
+grid, and the text after it resumes at p + max(h, w) / 2. A video's frame axis is its temporal patch
+index (Qwen2-VL) or that times tokens_per_second x seconds per temporal patch (Qwen2.5-VL). Generated tokens continue from the
 prompt's largest position + 1 (`delta` = that - prompt length).
 Checkpoint names: visual.*, model.* (LM), lm_head.weight, or transformers 5's model.visual.*,
 model.language_model.*.
@@ -29,6 +31,8 @@ class Qwen2VLForConditionalGeneration(AudioLanguageModel):
         if getattr(text_config, "use_sliding_window", False):
             raise ValueError("Qwen2-VL with use_sliding_window=True is not supported.")
         self.merge = config.vision_config.spatial_merge_size
+        self.temporal = config.vision_config.temporal_patch_size
+        self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)   # Qwen2.5-VL
         self.visual = Qwen2VLVisionTower(config.vision_config)
         self.language_model = OmniLanguageModel(text_config, dtype)
         self._bind_language_model(text_config)
@@ -42,7 +46,10 @@ class Qwen2VLForConditionalGeneration(AudioLanguageModel):
             pos += offset - prev
             t, h, w = item.grid_thw
             h, w = h // self.merge, w // self.merge
-            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            frames = torch.arange(t)
+            if item.fps is not None and self.tokens_per_second is not None:   # Qwen2.5-VL video: time-aligned
+                frames = (frames * (self.tokens_per_second * self.temporal / item.fps)).long()
+            grid = torch.stack(torch.meshgrid(frames, torch.arange(h), torch.arange(w), indexing="ij"))
             pieces.append(grid.reshape(3, -1) + pos)
             pos += max(h, w)
             prev = offset + item.num_embeds

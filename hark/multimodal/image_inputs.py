@@ -23,9 +23,11 @@ from hark.chat import NO_CHAT_TEMPLATE, template_message
 from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, fetch_media
 from hark.media.image import ImageLimits, check_image_size, decode_image, to_rgb
+from hark.media.video import VideoLimits, decode_video
 from hark.multimodal.audio_inputs import (as_list, check_embeds, read_chat_template, read_embeds_part,
                                           split_embeds)
 
+DEFAULT_VIDEO_FPS = 2.0    # frames given without a rate: Qwen2-VL's sampling rate
 MAX_NAMED = 256            # images kept under their multi_modal_uuids for later prompts
 LIST_CONTENT = re.compile(r"""for\s+\w+\s+in\s+message\[['"]content['"]\]|message\[['"]content['"]\]\s*\|""")
 
@@ -37,6 +39,11 @@ class ImagePromptError(ValueError):
 class ImagePromptProcessor:
     placeholder_text: str         # what a prompt writes for one image
     chat_placeholder: str         # what a chat message holds for an image (when its template takes text)
+    # models that take video set these and video_item_inputs(frames, fps)
+    video_token_id: int | None = None
+    video_placeholder_text: str | None = None
+    video_chat_placeholder: str | None = None
+    num_video_frames = 32         # frames sampled from an encoded video (as vLLM's num_frames)
 
     def __init__(self, tokenizer, model_path: str, image_token_id: int, hidden_size: int):
         from transformers import AutoImageProcessor
@@ -47,15 +54,16 @@ class ImagePromptProcessor:
         self.image_token_text = tokenizer.convert_ids_to_tokens(image_token_id)
         self.hidden_size = hidden_size
         self.chat_template = getattr(tokenizer, "chat_template", None) or read_chat_template(model_path)
-        self.limit = None
+        self.limits: dict | None = None
         self.enable_mm_embeds = False
         self.image_limits = ImageLimits()
         self.media_policy = MediaPolicy()
-        self.named: dict[str, AudioItem] = {}
+        self.named: dict[tuple[str, str], AudioItem] = {}
+        self.video_limits = VideoLimits()
 
     def configure(self, config) -> None:
         """Takes the limits and media policy of an EngineConfig."""
-        self.limit = (config.limit_mm_per_prompt or {}).get("image")
+        self.limits = config.limit_mm_per_prompt
         self.enable_mm_embeds = config.enable_mm_embeds
         self.media_policy = MediaPolicy(allowed_domains=tuple(config.allowed_media_domains),
                                         allowed_local_root=config.allowed_local_media_path)
@@ -67,64 +75,123 @@ class ImagePromptProcessor:
         if not isinstance(prompt, dict):
             raise ImagePromptError("a prompt must be a string, {'prompt': str, 'multi_modal_data': ...} "
                                    "or {'prompt_token_ids': [...], 'multi_modal_data': ...}.")
-        items = self._image_items(prompt)
+        items = self._items(prompt)
         text = prompt.get("prompt")
         if prompt.get("prompt_token_ids") is not None:
             ids = [int(t) for t in prompt["prompt_token_ids"]]
         elif isinstance(text, str):
-            ids = self.tokenizer.encode(text.replace(self.placeholder_text, self.image_token_text))
+            ids = self.tokenizer.encode(self.token_text(text))
         else:
             raise ImagePromptError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'.")
-        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(slots) != len(items):
-            raise ImagePromptError(f"the prompt has {len(slots)} image placeholder(s) ({self.placeholder_text}) but "
-                                   f"{len(items)} image(s) were given; write one placeholder per image.")
-        out, offsets, prev = [], [], 0
-        for slot, item in zip(slots, items):
+        tokens = {self.image_token_id: "image", self.video_token_id: "video"}
+        slots = [(i, tokens[t]) for i, t in enumerate(ids) if t in tokens]
+        for kind, placeholder in (("image", self.placeholder_text), ("video", self.video_placeholder_text)):
+            written = sum(k == kind for _, k in slots)
+            if written != len(items[kind]):
+                raise ImagePromptError(f"the prompt has {written} {kind} placeholder(s) ({placeholder}) but "
+                                       f"{len(items[kind])} {kind}(s) were given; write one placeholder per {kind}.")
+        pending = {kind: iter(found) for kind, found in items.items()}
+        out, ordered, offsets, prev = [], [], [], 0
+        for slot, kind in slots:
+            item = next(pending[kind])
             out.extend(ids[prev:slot])
             offsets.append(len(out))
-            out.extend([self.image_token_id] * item.num_embeds)
+            ordered.append(item)
+            out.extend([ids[slot]] * item.num_embeds)
             prev = slot + 1
         out.extend(ids[prev:])
-        return ProcessedPrompt(out, items, offsets, prompt=text)
+        return ProcessedPrompt(out, ordered, offsets, prompt=text)
 
-    def _image_items(self, prompt: dict) -> list[AudioItem]:
+    def token_text(self, text: str) -> str:
+        text = text.replace(self.placeholder_text, self.image_token_text)
+        return text if self.video_token_id is None else text.replace(self.video_placeholder_text, self.video_token_text)
+
+    def _items(self, prompt: dict) -> dict[str, list[AudioItem]]:
         data = prompt.get("multi_modal_data") or {}
         if not isinstance(data, dict):
             raise ImagePromptError("multi_modal_data must be a dict such as {'image': [PIL.Image, ...]}.")
-        unknown = sorted(set(data) - {"image", "image_embeds"})
+        kinds = {"image", "image_embeds"} | ({"video"} if self.video_token_id is not None else set())
+        unknown = sorted(set(data) - kinds)
         if unknown:
-            raise ImagePromptError(f"multi_modal_data {unknown} is not supported by this model; it takes 'image' "
-                                   f"(or 'image_embeds' with enable_mm_embeds=True).")
-        images = data["image"] if isinstance(data.get("image"), list) else [data["image"]] if "image" in data else []
+            raise ImagePromptError(f"multi_modal_data {unknown} is not supported by this model; it takes "
+                                   f"{', '.join(repr(k) for k in sorted(kinds))} (image_embeds with "
+                                   f"enable_mm_embeds=True).")
+        images, videos = (data[k] if isinstance(data.get(k), list) else [data[k]] if k in data else []
+                          for k in ("image", "video"))
         embeds = [e for x in as_list(data.get("image_embeds")) for e in split_embeds(x)]
         if images and embeds:
             raise ImagePromptError("a prompt takes either 'image' or 'image_embeds', not both.")
-        count = len(images) + len(embeds)
-        if self.limit is not None and count > self.limit:
-            raise ImagePromptError(f"the prompt has {count} images; limit_mm_per_prompt allows {self.limit}.")
-        uuids = as_list((prompt.get("multi_modal_uuids") or {}).get("image"))
-        if uuids and len(uuids) != len(images):
-            raise ImagePromptError(f"multi_modal_uuids names {len(uuids)} images but {len(images)} were given.")
-        items = [self._image_item(img, uuid) for img, uuid in zip(images, uuids or [None] * len(images))]
-        return items + [self._embeds_item(e) for e in embeds]
+        for kind, count in (("image", len(images) + len(embeds)), ("video", len(videos))):
+            limit = (self.limits or {}).get(kind)
+            if limit is not None and count > limit:
+                raise ImagePromptError(f"the prompt has {count} {kind}s; limit_mm_per_prompt allows {limit}.")
+        uuids = (prompt.get("multi_modal_uuids") or {})
+        image_uuids, video_uuids = as_list(uuids.get("image")), as_list(uuids.get("video"))
+        for kind, given, named in (("image", images, image_uuids), ("video", videos, video_uuids)):
+            if named and len(named) != len(given):
+                raise ImagePromptError(f"multi_modal_uuids names {len(named)} {kind}s but {len(given)} were given.")
+        return {"image": [self._image_item(img, u) for img, u in zip(images, image_uuids or [None] * len(images))]
+                + [self._embeds_item(e) for e in embeds],
+                "video": [self._video_item(v, u) for v, u in zip(videos, video_uuids or [None] * len(videos))]}
 
-    def _image_item(self, image, uuid) -> AudioItem:
-        if image is None:
-            item = self.named.get(str(uuid)) if uuid is not None else None
-            if item is None:
-                raise ImagePromptError("an image in multi_modal_data is None and no image was sent earlier under "
-                                       f"its multi_modal_uuids name {uuid!r}; send the image.")
-            return item
-        image = self._as_rgb(image)
-        features, num_embeds, grid = self.image_item_inputs(image)
-        key = str(uuid) if uuid is not None else image_hash(image, self.model_id)
-        item = AudioItem(features, 0, key, num_embeds, 0.0, grid_thw=grid)
+    def _named(self, kind: str, uuid) -> AudioItem:
+        item = self.named.get((kind, str(uuid))) if uuid is not None else None
+        if item is None:
+            raise ImagePromptError(f"an {kind} in multi_modal_data is None and no {kind} was sent earlier under "
+                                   f"its multi_modal_uuids name {uuid!r}; send the {kind}.")
+        return item
+
+    def _remember(self, kind: str, uuid, item: AudioItem) -> AudioItem:
         if uuid is not None:
-            self.named[str(uuid)] = item
+            self.named[(kind, str(uuid))] = item
             if len(self.named) > MAX_NAMED:
                 self.named.pop(next(iter(self.named)))
         return item
+
+    def _image_item(self, image, uuid) -> AudioItem:
+        if image is None:
+            return self._named("image", uuid)
+        image = self._as_rgb(image)
+        features, num_embeds, grid = self.image_item_inputs(image)
+        key = str(uuid) if uuid is not None else image_hash(image, self.model_id)
+        return self._remember("image", uuid, AudioItem(features, 0, key, num_embeds, 0.0, grid_thw=grid))
+
+    def _video_item(self, video, uuid) -> AudioItem:
+        if video is None:
+            return self._named("video", uuid)
+        frames, fps = self._as_frames(video)
+        features, num_embeds, grid = self.video_item_inputs(frames, fps)
+        digest = hashlib.blake2b(f"{self.model_id}\0video\0{fps}\0".encode(), digest_size=32)
+        for frame in frames:
+            digest.update(frame.tobytes())
+        key = str(uuid) if uuid is not None else digest.hexdigest()
+        item = AudioItem(features, 0, key, num_embeds, len(frames) / fps, grid_thw=grid, fps=fps)
+        return self._remember("video", uuid, item)
+
+    def _as_frames(self, video) -> tuple[list, float]:
+        """(RGB PIL frames, frames per second) of a video given as encoded bytes (decoded under VideoLimits,
+        num_frames evenly spaced), a uint8 array [T, H, W, 3], a list of images, or (frames, {"fps": x})."""
+        fps = DEFAULT_VIDEO_FPS
+        if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], dict):
+            video, fps = video[0], float(video[1].get("fps", fps))
+        if isinstance(video, (bytes, bytearray)):
+            decoded = decode_video(bytes(video), self.num_video_frames, self.video_limits)
+            spans = np.diff(decoded.timestamps)
+            fps = 1.0 / float(spans.mean()) if len(spans) else fps
+            video = decoded.frames
+        if isinstance(video, np.ndarray):
+            if video.ndim != 4 or video.shape[3] != 3 or video.dtype != np.uint8:
+                raise ImagePromptError(f"a video array must be uint8 [frames, H, W, 3], got {video.dtype} "
+                                       f"{list(video.shape)}.")
+            video = list(video)
+        if not isinstance(video, list) or not video:
+            raise ImagePromptError("a video must be encoded bytes, a uint8 array [frames, H, W, 3] or a list of frames.")
+        if len(video) > self.video_limits.max_decoded_frames:
+            raise ImagePromptError(f"the video has {len(video)} frames, over the limit of "
+                                   f"{self.video_limits.max_decoded_frames}.")
+        if not 0 < fps <= 240:
+            raise ImagePromptError(f"video fps must be in (0, 240], got {fps:g}.")
+        return [self._as_rgb(frame) for frame in video], fps
 
     def _as_rgb(self, image):
         from PIL import Image
@@ -156,7 +223,8 @@ class ImagePromptProcessor:
         if template is None:
             raise ImagePromptError(NO_CHAT_TEMPLATE)
         as_list_content = bool(LIST_CONTENT.search(template))
-        images, embeds, messages = [], [], []
+        images, videos, embeds, messages = [], [], [], []
+        video_kinds = ("video_url", "video") if self.video_token_id is not None else ()
         for message in conversation:
             content = message.get("content")
             if content is None or isinstance(content, str):
@@ -170,31 +238,36 @@ class ImagePromptProcessor:
                 if kind == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
                     continue
-                if kind == "image_url":
-                    spec = part.get("image_url")
+                if kind == "image_url" or (kind == "video_url" and video_kinds):
+                    spec = part.get(kind)
                     url = spec.get("url") if isinstance(spec, dict) else spec
                     if not isinstance(url, str):
-                        raise ImagePromptError("image_url must be {'url': 'data:...' | 'file:...' | 'https://...'}.")
-                    images.append(fetch_media(url, self.media_policy))
+                        raise ImagePromptError(f"{kind} must be {{'url': 'data:...' | 'file:...' | 'https://...'}}.")
+                    (images if kind == "image_url" else videos).append(fetch_media(url, self.media_policy))
+                elif kind == "video" and video_kinds:
+                    videos.append(part.get("video"))
                 elif kind == "image":
                     images.append(part.get("image"))
                 elif kind == "image_embeds":
                     embeds.append(read_embeds_part({"audio_embeds": part.get("image_embeds")}))
                 else:
                     raise ImagePromptError(f"content part type {kind!r} is not supported by this model; use text, "
-                                           f"image_url, image or image_embeds.")
-                parts.append({"type": "image"})
+                                           f"image_url, image, image_embeds{', video_url, video' if video_kinds else ''}.")
+                parts.append({"type": "video" if kind in video_kinds else "image"})
             if as_list_content:
                 messages.append(template_message(message, parts))
             else:
-                text = "\n".join(self.chat_placeholder if p["type"] == "image" else p["text"] for p in parts)
+                marks = {"image": self.chat_placeholder, "video": self.video_chat_placeholder}
+                text = "\n".join(marks[p["type"]] if p["type"] in marks else p["text"] for p in parts)
                 messages.append(template_message(message, text))
         text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
-        ids = self.tokenizer.encode(text.replace(self.placeholder_text, self.image_token_text), add_special_tokens=False)
+        ids = self.tokenizer.encode(self.token_text(text), add_special_tokens=False)
         data = {}
         if images:
             data["image"] = images
+        if videos:
+            data["video"] = videos
         if embeds:
             data["image_embeds"] = embeds
         return {"prompt_token_ids": ids, "prompt": text, "multi_modal_data": data}
