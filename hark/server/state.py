@@ -74,7 +74,7 @@ class ServedModel:
 
     async def chat_prompt(self, messages: list, chat_template: str | None, add_generation_prompt: bool,
                           template_kwargs: dict):
-        """The engine prompt for a conversation; audio and image URLs are fetched here (async, under the
+        """The engine prompt for a conversation; audio, image and video URLs are fetched here (async, under the
         media policy) and handed on as data: URLs, so the model's processor never touches the network."""
         messages = [await self._fetch_media_urls(m) for m in messages]
         return await asyncio.to_thread(build_chat_prompt, self.engine.engine, messages,
@@ -86,7 +86,7 @@ class ServedModel:
         parts = []
         for part in map(normalize_part, message["content"]):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind in ("audio_url", "image_url"):
+            if kind in ("audio_url", "image_url", "video_url"):
                 spec = part.get(kind)
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str):
