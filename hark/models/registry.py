@@ -17,6 +17,8 @@ _MODELS = {
     "Qwen2_5OmniForConditionalGeneration": _OMNI,           # its thinker runs
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
+    "VoxtralForConditionalGeneration": ("hark.models.voxtral", "VoxtralForConditionalGeneration",
+                                        "hark.multimodal.voxtral", "VoxtralProcessor"),
 }
 
 

@@ -1,0 +1,144 @@
+"""Voxtral on hark: greedy and logit parity with transformers' VoxtralForConditionalGeneration on a
+tiny random checkpoint (0, 1 and 2 clips of odd sample counts, one over 30 s, batched), placeholder
+counts as mistral_common writes them, features as transformers' VoxtralProcessor builds them, the
+tekken tokenizer, chat, a served transcription, encoder and prefix caches, limits.
+
+The tokenizer is a tiny tekken.json (Mistral's format) with Voxtral's special tokens at their ranks;
+hark loads it through transformers' tekken converter (mistral_common is not installed here). The
+reference prompts are built as mistral_common's instruct tokenizer writes them:
+<s>[INST]([BEGIN_AUDIO][AUDIO]*375k | text)*[/INST].
+"""
+import base64
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import torch
+
+from hark import LLM, SamplingParams
+from conftest import randomize
+from test_qwen2_audio import speech
+
+# Voxtral's tekken special tokens (ranks 0..): the ones hark uses sit where Voxtral's tekken.json has them
+SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+            "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"] + \
+           [f"<SPECIAL_{i}>" for i in range(20, 24)] + ["[AUDIO]", "[BEGIN_AUDIO]"] + \
+           [f"<SPECIAL_{i}>" for i in range(26, 32)] + ["[ARGS]", "[CALL_ID]", "[TRANSCRIBE]"]
+BOS, INST, END_INST, AUDIO, BEGIN_AUDIO, TRANSCRIBE = 1, 3, 4, 24, 25, 34
+PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+           r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+           r"\s+(?!\S)|\s+")
+MAX_NEW = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+WINDOW = 480_000
+# odd sample counts: 2.79 s, 12.34 s (+ 1), 31.7 s (+ 3): 375, 375 and 750 audio tokens
+CLIP_A, CLIP_B, CLIP_C = 44_640, 197_441, 507_203
+
+
+def clip(samples: int, offset: int = 0) -> np.ndarray:
+    return speech(40.0 + offset / 16000)[offset: offset + samples]
+
+
+def write_tekken(path: str) -> None:
+    """A tiny tekken.json: the specials above, the 256 bytes and a few merges."""
+    tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"in", b" t", b"the", b" the", b"at"]
+    vocab = [{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("latin-1")}
+             for i, t in enumerate(tokens)]
+    specials = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(SPECIALS)]
+    config = {"pattern": PATTERN, "num_vocab_tokens": len(tokens) + len(SPECIALS),
+              "default_vocab_size": len(tokens) + len(SPECIALS), "default_num_special_tokens": len(SPECIALS),
+              "version": "v7"}
+    with open(f"{path}/tekken.json", "w") as f:
+        json.dump({"config": config, "vocab": vocab, "special_tokens": specials}, f)
+
+
+def make_tiny_voxtral(path: str):
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+    from hark.models.voxtral import read_tokenizer
+    write_tekken(path)
+    tok = read_tokenizer(path)
+    config = VoxtralConfig(
+        audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          num_mel_bins=128, max_source_positions=1500),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         rope_theta=100_000_000.0),
+        audio_token_id=AUDIO, architectures=["VoxtralForConditionalGeneration"])
+    torch.manual_seed(0)
+    model = VoxtralForConditionalGeneration(config)
+    randomize(model, std=0.1)
+    randomize(model.model.audio_tower, std=0.05, seed=1)    # audio embeddings that do not swamp the text
+    model.eval()
+    model.save_pretrained(path)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("voxtral"))
+    model, tok = make_tiny_voxtral(path)
+    return path, model, tok
+
+
+def features(audios: list[np.ndarray]) -> torch.Tensor:
+    """transformers' VoxtralProcessor features: its own _retrieve_input_features with its audio_kwargs."""
+    from transformers import VoxtralProcessor, WhisperFeatureExtractor
+    host = SimpleNamespace(feature_extractor=WhisperFeatureExtractor(feature_size=128))
+    return VoxtralProcessor._retrieve_input_features(host, audios, 3000, sampling_rate=16000, padding=True,
+                                                     truncation=False, pad_to_multiple_of=WINDOW, return_tensors="pt")
+
+
+def audio_ids(samples: int) -> list[int]:
+    """mistral_common's AudioEncoder: [BEGIN_AUDIO] + [AUDIO] x 375 per (padded) 30 s window."""
+    return [BEGIN_AUDIO] + [AUDIO] * (375 * math.ceil(samples / WINDOW))
+
+
+def prompt_ids(tok, parts: list) -> list[int]:
+    """<s>[INST]parts[/INST], each part text or an audio clip, as mistral_common's v7 user message."""
+    ids = [BOS, INST]
+    for part in parts:
+        ids += audio_ids(len(part)) if isinstance(part, np.ndarray) else tok.encode(part, add_special_tokens=False)
+    return ids + [END_INST]
+
+
+def reference(model, ids: list[int], audios: list[np.ndarray], max_new: int = MAX_NEW) -> list[int]:
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    if audios:
+        inputs["input_features"] = features(audios)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def hark_prompt(tok, parts: list) -> dict:
+    """The same prompt as text with [BEGIN_AUDIO][AUDIO] placeholders and the clips in multi_modal_data."""
+    text = "<s>[INST]" + "".join("[BEGIN_AUDIO][AUDIO]" if isinstance(p, np.ndarray) else p for p in parts) + "[/INST]"
+    audios = [(p, 16000) for p in parts if isinstance(p, np.ndarray)]
+    return {"prompt": text, "multi_modal_data": {"audio": audios}} if audios else text
+
+
+CASES = [
+    ["no audio here, just text"],
+    [clip(CLIP_A), "What is said?"],
+    ["first", clip(CLIP_B, 7_000), "then", clip(CLIP_C, 90_000), "compare"],
+]
+
+
+def test_greedy_matches_transformers_batched(ckpt):
+    path, model, tok = ckpt
+    llm = LLM(path, max_num_batched_tokens=512, max_model_len=2048)     # chunked prefill cuts through the clips
+    outs = llm.generate([hark_prompt(tok, parts) for parts in CASES], GREEDY, use_tqdm=False)
+    expected = [reference(model, prompt_ids(tok, parts), [p for p in parts if isinstance(p, np.ndarray)])
+                for parts in CASES]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert len({tuple(e) for e in expected}) == len(expected)        # the clips change the answers
+    assert [o.prompt_token_ids for o in outs] == [prompt_ids(tok, parts) for parts in CASES]
+    assert [sum(t == AUDIO for t in o.prompt_token_ids) for o in outs] == [0, 375, 375 + 750]
+    assert llm.llm_engine.runner.encoder_items == 4       # 1 + 1 + 2 windows
