@@ -42,7 +42,7 @@ CLIP_A, CLIP_B, CLIP_C = 44_640, 197_441, 507_203
 
 
 def clip(samples: int, offset: int = 0) -> np.ndarray:
-    return speech(40.0 + offset / 16000)[offset: offset + samples]
+    return speech(max(40.0, (offset + samples) / 16000 + 1))[offset: offset + samples]
 
 
 def write_tekken(path: str) -> None:
@@ -142,3 +142,136 @@ def test_greedy_matches_transformers_batched(ckpt):
     assert [o.prompt_token_ids for o in outs] == [prompt_ids(tok, parts) for parts in CASES]
     assert [sum(t == AUDIO for t in o.prompt_token_ids) for o in outs] == [0, 375, 375 + 750]
     assert llm.llm_engine.runner.encoder_items == 4       # 1 + 1 + 2 windows
+
+
+def test_placeholder_counts_and_features_match_transformers(ckpt):
+    """375 audio tokens per padded 30 s window for any length; each window's features are
+    transformers' VoxtralProcessor's (one log-mel over the padded clip, cut into 3000 frames)."""
+    path, model, tok = ckpt
+    engine = LLM(path).llm_engine
+    for samples in [CLIP_A, CLIP_B, CLIP_C, 401, 479_999, 480_000, 480_001, 960_001]:
+        audio = clip(samples)
+        processed = engine.process_prompt({"prompt": "[BEGIN_AUDIO][AUDIO]", "multi_modal_data": {"audio": (audio, 16000)}})
+        assert processed.prompt_token_ids == audio_ids(samples), samples
+        assert engine.processor.audio_tokens(samples / 16000) == 375 * math.ceil(samples / WINDOW)
+        if samples in (CLIP_A, CLIP_C, 960_001):
+            ref = features([audio])
+            got = torch.stack([item.features for item in processed.audio_items])
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
+
+
+def test_logits_close_to_transformers(ckpt):
+    path, model, tok = ckpt
+    parts = CASES[2]
+    out = LLM(path, max_model_len=2048).generate(
+        hark_prompt(tok, parts), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3,
+                                                prompt_logprobs=1), use_tqdm=False)[0]
+    ids = out.prompt_token_ids + out.outputs[0].token_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), input_features=features([p for p in parts
+                                                                               if isinstance(p, np.ndarray)])).logits
+    ref = torch.log_softmax(logits[0].float(), dim=-1)
+    n_prompt, worst = len(out.prompt_token_ids), 0.0
+    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        worst = max(worst, abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()))
+    for step, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        assert token == int(ref[n_prompt - 1 + step].argmax())
+        for t, logprob in entry.items():
+            worst = max(worst, abs(logprob.logprob - ref[n_prompt - 1 + step, t].item()))
+    assert worst < 1e-4
+
+
+def wav_b64(audio: np.ndarray) -> str:
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype="FLOAT")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_as_mistral_common_writes_it(ckpt):
+    path, model, tok = ckpt
+    audio = clip(CLIP_A, 1234)
+    part = {"type": "input_audio", "input_audio": {"data": wav_b64(audio), "format": "wav"}}
+    llm = LLM(path, max_model_len=1024)
+    out = llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "What is said?"}]}], GREEDY,
+                   use_tqdm=False)[0]
+    assert out.prompt_token_ids == prompt_ids(tok, [audio, "What is said?"])
+    assert out.outputs[0].token_ids == reference(model, out.prompt_token_ids, [audio])
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "again"}]
+    text_only = llm.chat(turns, GREEDY, use_tqdm=False)[0]
+    enc = lambda s: tok.encode(s, add_special_tokens=False)     # noqa: E731
+    assert text_only.prompt_token_ids == [BOS, INST, *enc("hi"), END_INST, *enc("hello"), 2, INST, *enc("again"),
+                                          END_INST]
+
+
+def transcription_ids(tok, audio: np.ndarray, language: str | None) -> list[int]:
+    """vLLM's Voxtral transcription prompt (mistral_common's encode_transcription)."""
+    lang = tok.encode(f"lang:{language}", add_special_tokens=False) if language else []
+    return [BOS, INST, *audio_ids(len(audio)), END_INST, *lang, TRANSCRIBE]
+
+
+def test_served_transcription_and_chat(ckpt):
+    from hark.engine.async_engine import AsyncLLMEngine
+    from hark.server.app import BackgroundServer, build_app
+    from hark.server.metrics import Metrics
+    from hark.server.state import ServedModel
+    path, model, tok = ckpt
+    audio = clip(CLIP_A, 555)
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype="FLOAT")
+    wav = buf.getvalue()
+    llm = LLM(path, max_model_len=420)      # room for ~30 new tokens: the random model never says </s>
+    ids = transcription_ids(tok, audio, "en")
+    offline = llm.generate({"prompt_token_ids": [BOS, INST, BEGIN_AUDIO, AUDIO, END_INST, *ids[ids.index(END_INST) + 1:]],
+                            "multi_modal_data": {"audio": (audio, 16000)}},
+                           SamplingParams(temperature=0.0, max_tokens=420 - len(ids)), use_tqdm=False)[0]
+    assert offline.prompt_token_ids == ids
+    assert offline.outputs[0].token_ids == reference(model, ids, [audio], max_new=420 - len(ids))
+    metrics = Metrics()
+    app = build_app([ServedModel("voxtral", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
+    with BackgroundServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.audio.transcriptions.create(model="voxtral", file=("a.wav", wav), language="en")
+        assert r.text == offline.outputs[0].text.strip()
+        text = client.audio.transcriptions.create(file=("a.wav", wav), model="voxtral", language="en",
+                                                  response_format="text")
+        assert text.strip() == r.text
+        untagged = llm.llm_engine.processor.transcription_prompt(audio, None)
+        assert untagged.prompt_token_ids == transcription_ids(tok, audio, None)
+        for bad in [dict(response_format="srt"), dict(language="english!")]:
+            with pytest.raises(openai.BadRequestError):
+                client.audio.transcriptions.create(model="voxtral", file=("a.wav", wav), **bad)
+        with pytest.raises(openai.BadRequestError, match="does not translate"):
+            client.audio.translations.create(model="voxtral", file=("a.wav", wav))
+        chat = client.chat.completions.create(model="voxtral", temperature=0, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav_b64(audio), "format": "wav"}},
+                                         {"type": "text", "text": "hi"}]}])
+        assert chat.usage.prompt_tokens == len(prompt_ids(tok, [audio, "hi"]))
+
+
+def test_encoder_cache_prefix_cache_and_limits(ckpt):
+    path, model, tok = ckpt
+    llm = LLM(path, limit_mm_per_prompt={"audio": 1}, max_model_len=1024)
+    audio = clip(CLIP_B)
+    first = llm.generate(hark_prompt(tok, [audio, "question one"]), GREEDY, use_tqdm=False)[0]
+    second = llm.generate(hark_prompt(tok, [audio, "another question"]), GREEDY, use_tqdm=False)[0]
+    runner = llm.llm_engine.runner
+    assert runner.encoder_items == 1 and runner.encoder_calls == 1
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == (3 + 375) // 16 * 16
+    other = llm.generate(hark_prompt(tok, [clip(CLIP_B, 3), "question one"]), GREEDY, use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0            # same token ids, other audio: no prefix hit
+    assert other.outputs[0].token_ids == reference(model, other.prompt_token_ids, [clip(CLIP_B, 3)])
+    with pytest.raises(ValueError, match="limit_mm_per_prompt allows 1"):
+        llm.generate(hark_prompt(tok, [audio, "x", audio]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="placeholder"):
+        llm.generate({"prompt": "<s>[INST]no placeholder[/INST]", "multi_modal_data": {"audio": (audio, 16000)}},
+                     GREEDY, use_tqdm=False)
+
+
+def test_checkpoint_names():
+    from hark.models.qwen2_audio import legacy_name
+    assert legacy_name("model.language_model.layers.0.mlp.up_proj.weight") == \
+        "language_model.model.layers.0.mlp.up_proj.weight"
+    assert legacy_name("model.multi_modal_projector.linear_1.weight") == "multi_modal_projector.linear_1.weight"
+    assert legacy_name("lm_head.weight") == "language_model.lm_head.weight"
