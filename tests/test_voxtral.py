@@ -275,3 +275,27 @@ def test_checkpoint_names():
         "language_model.model.layers.0.mlp.up_proj.weight"
     assert legacy_name("model.multi_modal_projector.linear_1.weight") == "multi_modal_projector.linear_1.weight"
     assert legacy_name("lm_head.weight") == "language_model.lm_head.weight"
+
+
+def test_published_layout_loads(ckpt, tmp_path):
+    """The hub layout: weights under the published names in indexed shards, next to a
+    consolidated.safetensors (Mistral's own format, other names) that hark must not read; tekken.json only."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from hark.models.qwen2_audio import legacy_name
+    path, model, tok = ckpt
+    for name in ["config.json", "tekken.json"]:
+        shutil.copy(f"{path}/{name}", tmp_path / name)
+    weights = {legacy_name(n): t for n, t in load_file(f"{path}/model.safetensors").items()}
+    assert {n.split(".")[0] for n in weights} == {"audio_tower", "multi_modal_projector", "language_model"}
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k].contiguous() for k in keys}, str(tmp_path / shard))
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}, f)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, str(tmp_path / "consolidated.safetensors"))
+    parts = CASES[1]
+    out = LLM(str(tmp_path), max_model_len=1024).generate(hark_prompt(tok, parts), GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == reference(model, prompt_ids(tok, parts), [parts[0]])
