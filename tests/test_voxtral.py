@@ -299,3 +299,24 @@ def test_published_layout_loads(ckpt, tmp_path):
     parts = CASES[1]
     out = LLM(str(tmp_path), max_model_len=1024).generate(hark_prompt(tok, parts), GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == reference(model, prompt_ids(tok, parts), [parts[0]])
+
+
+def test_offline_transcribe(ckpt):
+    """LLM.transcribe with Voxtral: its transcription prompt, generated greedy until </s> or the model length."""
+    path, model, tok = ckpt
+    audio, long_audio = clip(CLIP_A, 555), clip(CLIP_C, 11)
+    llm = LLM(path, max_model_len=800)
+    results = llm.transcribe([(audio, 16000), (long_audio, 16000)], language="en")
+    for result, a in zip(results, [audio, long_audio]):
+        ids = transcription_ids(tok, a, "en")
+        tail = ids[ids.index(END_INST) + 1:]
+        offline = llm.generate({"prompt_token_ids": [BOS, INST, BEGIN_AUDIO, AUDIO, END_INST, *tail],
+                                "multi_modal_data": {"audio": (a, 16000)}},
+                               SamplingParams(temperature=0.0, max_tokens=800 - len(ids)), use_tqdm=False)[0]
+        assert offline.outputs[0].token_ids == reference(model, ids, [a], max_new=800 - len(ids))
+        assert result.text == offline.outputs[0].text.strip()
+        assert result.duration == pytest.approx(len(a) / 16000, abs=1e-3) and result.language == "en"
+    with pytest.raises(ValueError, match="does not translate"):
+        llm.transcribe((audio, 16000), task="translate")
+    with pytest.raises(ValueError, match="word_timestamps"):
+        llm.transcribe((audio, 16000), word_timestamps=True)
