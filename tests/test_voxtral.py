@@ -320,3 +320,17 @@ def test_offline_transcribe(ckpt):
         llm.transcribe((audio, 16000), task="translate")
     with pytest.raises(ValueError, match="word_timestamps"):
         llm.transcribe((audio, 16000), word_timestamps=True)
+
+
+def test_checkpoint_errors_are_clear(ckpt, tmp_path):
+    import shutil
+    from transformers import VoxtralConfig
+    from hark.models.voxtral import VoxtralForConditionalGeneration
+    path, model, tok = ckpt
+    shutil.copy(f"{path}/config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match="neither tokenizer.json nor tekken.json"):
+        LLM(str(tmp_path))
+    bad = VoxtralConfig(audio_config=dict(hidden_size=32, intermediate_size=100, num_attention_heads=4),
+                        text_config=dict(vocab_size=300, hidden_size=64), audio_token_id=AUDIO)
+    with pytest.raises(ValueError, match="intermediate_size 100 must be a multiple of d_model 32"):
+        VoxtralForConditionalGeneration(bad)
