@@ -1,7 +1,7 @@
 """Audio chat throughput: hark vs transformers `generate` on the same random-weight audio LLM.
 
 `--model` picks one or more of the models in benchmarks/audio_chat_models.py (qwen2_audio, ultravox,
-... ; `all` runs each): random weights, float32 (`--dtype bfloat16` runs both engines in bfloat16),
+voxtral, qwen2_5_omni, minicpmo; `all` runs each): random weights, float32 (`--dtype bfloat16` runs both engines in bfloat16),
 sized so the whole comparison runs in minutes on 2 CPU cores: a whisper-tiny-sized audio encoder
 (4 layers, d_model 384, 6 heads, FFN 1536, 30 s window) and an LM of Qwen2-0.5B's width (hidden
 896, 14 heads, 2 KV heads, FFN 4864; `--lm-hidden 512` gives a 512-wide, FFN 2048, 8-head LM)
@@ -61,10 +61,11 @@ def workload(n: int, seed: int = 0):
     return reqs
 
 
-def run_hark(path, placeholder, reqs, **engine_kwargs):
+def run_hark(path, spec, reqs, **engine_kwargs):
     from hark import LLM, SamplingParams
     llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048, **engine_kwargs)
-    prompts = [{"prompt": placeholder + q, "multi_modal_data": {"audio": (a, 16000)}} for a, q, _ in reqs]
+    prompts = [{"prompt": spec.placeholder + q + spec.suffix, "multi_modal_data": {"audio": (a, 16000)}}
+               for a, q, _ in reqs]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for *_, m in reqs]
     llm.generate(["warm up"], SamplingParams(max_tokens=2), use_tqdm=False)
     with Timer() as t:
@@ -73,21 +74,21 @@ def run_hark(path, placeholder, reqs, **engine_kwargs):
     return llm, [list(o.outputs[0].token_ids) for o in outs], tokens / t.seconds, tokens, t.seconds
 
 
-def run_hf(reference, placeholder, reqs, batch_size: int, dtype: torch.dtype):
+def run_hf(reference, spec, reqs, batch_size: int, dtype: torch.dtype):
     """(tok/s, tokens, seconds, greedy ids per request: each cut to what the request asked for)."""
     tokens, seconds, ids = 0, 0.0, []
     for i in range(0, len(reqs), batch_size):
         chunk = reqs[i: i + batch_size]
         new = max(m for *_, m in chunk)              # one generate call runs to the longest request
         with Timer() as t:
-            out = reference.generate([(a, placeholder + q) for a, q, _ in chunk], new, dtype)
+            out = reference.generate([(a, spec.placeholder + q + spec.suffix) for a, q, _ in chunk], new, dtype)
         seconds += t.seconds
         tokens += sum(m for *_, m in chunk)          # the tokens the requests asked for
         ids += [row[:m] for row, (*_, m) in zip(out, chunk)]
     return tokens / seconds, tokens, seconds, ids
 
 
-def questions_about_one_clip(path, placeholder, caches: bool, dtype: str):
+def questions_about_one_clip(path, spec, caches: bool, dtype: str):
     """8 questions, one after another, about the same 30 s clip: seconds in all, encoder runs, cached tokens."""
     from hark import LLM, SamplingParams
     kwargs = {} if caches else {"enable_prefix_caching": False, "encoder_cache_bytes": 0}
@@ -98,8 +99,8 @@ def questions_about_one_clip(path, placeholder, caches: bool, dtype: str):
     cached = 0
     with Timer() as t:
         for q in QUESTIONS:
-            out = llm.generate({"prompt": placeholder + q, "multi_modal_data": {"audio": clip}}, params,
-                               use_tqdm=False)[0]
+            prompt = {"prompt": spec.placeholder + q + spec.suffix, "multi_modal_data": {"audio": clip}}
+            out = llm.generate(prompt, params, use_tqdm=False)[0]
             cached += out.num_cached_tokens
     return t.seconds, llm.llm_engine.runner.encoder_items, cached
 
@@ -115,7 +116,7 @@ def bench(name: str, args) -> None:
           f"{sum(m for *_, m in reqs)} output tokens; {args.dtype}, {args.threads} threads")
     print(f"transformers side: {spec.reference}")
 
-    llm, hark_ids, hark_rate, hark_tokens, hark_s = run_hark(path, spec.placeholder, reqs, dtype=args.dtype)
+    llm, hark_ids, hark_rate, hark_tokens, hark_s = run_hark(path, spec, reqs, dtype=args.dtype)
     stats = llm.llm_engine.stats()
     print(f"hark:                     {hark_rate:6.1f} tok/s  ({hark_tokens} tokens in {hark_s:.1f} s; "
           f"{stats['encoder_calls']} batched encoder calls; KV holds "
@@ -125,7 +126,7 @@ def bench(name: str, args) -> None:
     reference.model.to(dtype)
     hf = {}
     for batch_size in (1, 8, 16):
-        rate, tokens, seconds, ids = run_hf(reference, spec.placeholder, reqs[: args.hf_requests], batch_size, dtype)
+        rate, tokens, seconds, ids = run_hf(reference, spec, reqs[: args.hf_requests], batch_size, dtype)
         hf[batch_size] = rate
         line = f"transformers batch {batch_size:<2}:    {rate:6.1f} tok/s  ({tokens} tokens in {seconds:.1f} s)"
         if batch_size == 1:
@@ -135,7 +136,7 @@ def bench(name: str, args) -> None:
     print(f"hark / best transformers: {hark_rate / max(hf.values()):.2f}x")
 
     for caches in (True, False):
-        seconds, encoded, cached = questions_about_one_clip(path, spec.placeholder, caches, args.dtype)
+        seconds, encoded, cached = questions_about_one_clip(path, spec, caches, args.dtype)
         label = "caches on " if caches else "caches off"
         print(f"8 questions about one 30 s clip, {label}: {seconds:5.1f} s, encoder ran on {encoded} item(s), "
               f"{cached} prompt tokens from the prefix cache")

@@ -94,6 +94,10 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def transcribe(self, audio, **kwargs):
-        """Transcribes (or translates) audio of any length with a Whisper model; see hark.transcribe."""
+        """Transcribes (or translates) audio of any length with a Whisper model, see hark.transcribe;
+        with an audio LLM that has a transcription prompt (Voxtral), see hark.transcribe.prompted."""
+        if hasattr(self.llm_engine.processor, "transcription_prompt"):
+            from hark.transcribe.prompted import transcribe_by_prompt
+            return transcribe_by_prompt(self, audio, **kwargs)
         from hark.transcribe import transcribe
         return transcribe(self, audio, **kwargs)

@@ -13,6 +13,8 @@ from hark.models import registry
 # model_type: module with read_config(path, raw_json) for configs AutoConfig cannot read (hub remote code),
 # and read_tokenizer(path) where the tokenizer class is remote code too
 CONFIG_READERS = {"ultravox": "hark.models.ultravox", "minicpmo": "hark.models.minicpmo"}
+# model_type: module with read_tokenizer(path) only (the config is transformers' own)
+TOKENIZER_READERS = {"voxtral": "hark.models.voxtral"}
 
 
 @dataclass
@@ -40,7 +42,11 @@ def resolve_model_path(model: str) -> str:
 
 
 def iter_checkpoint_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    index = _read_json(os.path.join(path, "model.safetensors.index.json")).get("weight_map")
+    if index:       # only the indexed shards: Mistral repos also hold consolidated.safetensors (other names)
+        files = sorted(set(index.values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if files:
         from safetensors import safe_open
         for f in files:
@@ -101,6 +107,8 @@ def load_model(config) -> LoadedModel:
             reader = importlib.import_module(CONFIG_READERS[raw_config["model_type"]])
             hf_config = reader.read_config(path, raw_config)
         else:
+            if raw_config.get("model_type") in TOKENIZER_READERS:
+                reader = importlib.import_module(TOKENIZER_READERS[raw_config["model_type"]])
             try:
                 hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
             except Exception as e:

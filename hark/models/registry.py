@@ -23,6 +23,8 @@ _MODELS = {
     "Qwen2VLForConditionalGeneration": _QWEN2_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,             # the same model; its vision tower differs
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
+    "VoxtralForConditionalGeneration": ("hark.models.voxtral", "VoxtralForConditionalGeneration",
+                                        "hark.multimodal.voxtral", "VoxtralProcessor"),
 }
 
 

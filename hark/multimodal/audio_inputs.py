@@ -94,6 +94,7 @@ class AudioPromptProcessor:
     and may set span_token_ids(n): the prompt tokens of an item of n embeddings (default: n audio tokens)
     """
     placeholder_text: str        # the text a prompt writes for one audio
+    part_separator = "\n"        # between a chat message's content parts
 
     def __init__(self, tokenizer, model_path: str, audio_token_id: int, hidden_size: int, n_mels: int,
                  window_frames: int):
@@ -286,7 +287,7 @@ class AudioPromptProcessor:
                     raise AudioPromptError(f"content part {_describe(part)} is not supported; use text, input_audio, "
                                            f"audio_url, audio or audio_embeds.")
                 pieces.append(self.chat_placeholder(len(audios) + len(embeds)))
-            messages.append(template_message(message, "\n".join(pieces)))
+            messages.append(template_message(message, self.part_separator.join(pieces)))
         template = chat_template or self.chat_template
         if template is None:
             raise AudioPromptError(NO_CHAT_TEMPLATE)

@@ -120,15 +120,30 @@ def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None =
         served, lora_request = pick(body.model, whisper=False)
         return await completions.completions(served, body, request, lora_request)
 
+    def pick_transcriber(name: str | None) -> ServedModel:
+        """A Whisper model, or an audio LLM that transcribes from a prompt (Voxtral)."""
+        if name is None and not any(m.is_whisper for m in models):
+            name = next((m.name for m in models if m.transcribes_by_prompt), None)
+        if name is not None and name in by_name and by_name[name].transcribes_by_prompt:
+            return by_name[name]
+        return pick(name, whisper=True)[0]
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         form = await audio.read_form(request)
-        return await audio.transcribe(pick(form.model, whisper=True)[0], form, "transcribe", request)
+        served = pick_transcriber(form.model)
+        if served.transcribes_by_prompt:
+            return await audio.transcribe_by_prompt(served, form, request)
+        return await audio.transcribe(served, form, "transcribe", request)
 
     @app.post("/v1/audio/translations")
     async def translations(request: Request):
         form = await audio.read_form(request)
-        return await audio.transcribe(pick(form.model, whisper=True)[0], form, "translate", request)
+        served = pick_transcriber(form.model)
+        if served.transcribes_by_prompt:
+            raise APIError(400, f"model {served.name!r} transcribes but does not translate; use a Whisper model",
+                           param="model")
+        return await audio.transcribe(served, form, "translate", request)
 
     if any(m.engine.engine.lora is not None for m in models):
         @app.post("/v1/load_lora_adapter")

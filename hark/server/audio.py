@@ -16,11 +16,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from hark.audio import TRANSCRIPTION_LIMITS
+from hark.audio import TRANSCRIPTION_LIMITS, load_audio
 from hark.engine.async_engine import AsyncLLMEngine
 from hark.server.completions import sse, unless_disconnected
 from hark.server.errors import APIError, error_body, to_api_error
 from hark.server.state import Admission, ServedModel
+from hark.sampling import SamplingParams
 from hark.server.transcript_stream import logprob_entries, stream_transcript
 from hark.transcribe import FORMATS, Transcription, TranscriptionOptions, format_transcription
 from hark.transcribe.formats import verbose_json
@@ -198,3 +199,33 @@ async def _events(served: ServedModel, ticket: Admission, run: TranscriptionRun,
         await deltas.aclose()
         ticket.release()
     yield sse("[DONE]")
+
+
+async def transcribe_by_prompt(served: ServedModel, form: TranscriptionForm, request: Request):
+    """An audio LLM's transcript (Voxtral): one generate request over its transcription prompt for the
+    whole upload (the model's processor cuts it into its own windows); json or text, no timestamps."""
+    if form.response_format not in ("json", "text"):
+        raise APIError(400, f"model {served.name!r} gives plain transcripts: use response_format json or text",
+                       param="response_format")
+    if form.stream or form.logprobs or form.prompt is not None:
+        field_name = "stream" if form.stream else "include[]" if form.logprobs else "prompt"
+        raise APIError(400, f"{field_name} is not supported with model {served.name!r}", param=field_name)
+    engine = served.engine.engine
+    limits = replace(TRANSCRIPTION_LIMITS, max_input_bytes=request.app.state.max_upload_bytes)
+    with served.admit():
+        samples = await asyncio.to_thread(load_audio, form.audio, SAMPLE_RATE, limits=limits)
+        form.audio = b""
+        processed = await asyncio.to_thread(engine.processor.transcription_prompt, samples, form.language)
+        room = engine.max_model_len - len(processed.prompt_token_ids)
+        if room < 1:
+            raise APIError(400, f"the audio is too long for model {served.name!r}: its prompt takes "
+                                f"{len(processed.prompt_token_ids)} of {engine.max_model_len} tokens", param="file")
+        params = SamplingParams(temperature=form.temperature or 0.0, max_tokens=room)
+        out = await unless_disconnected(request, _final_output(served.engine.generate(None, params,
+                                                                                      processed=processed)))
+    duration = len(samples) / SAMPLE_RATE
+    served.metrics.audio_seconds.labels(served.name).inc(duration)
+    text = out.outputs[0].text.strip()
+    if form.response_format == "text":
+        return PlainTextResponse(text, media_type=TEXT_TYPES["text"])
+    return JSONResponse({"text": text, "usage": {"type": "duration", "seconds": math.ceil(duration)}})

@@ -66,6 +66,11 @@ class ServedModel:
     def is_whisper(self) -> bool:
         return bool(getattr(self.engine.engine.model, "is_encoder_decoder", False))
 
+    @property
+    def transcribes_by_prompt(self) -> bool:
+        """An audio LLM with a transcription prompt (Voxtral): /v1/audio/transcriptions generates from it."""
+        return hasattr(self.engine.engine.processor, "transcription_prompt")
+
     def admit(self) -> Admission:
         return Admission(self)
 
