@@ -31,6 +31,15 @@ class AudioLanguageModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
 
+    def _load_parts(self, encoder: nn.Module, encoder_weights, projector: dict, lm_weights) -> None:
+        """Loads the encoder (its load_weights), the projector (a state dict) and the LM."""
+        encoder.load_weights(encoder_weights)
+        try:
+            self.multi_modal_projector.load_state_dict(projector)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint's multi_modal_projector weights do not fit its config: {e}") from None
+        self.language_model.load_weights(lm_weights)
+
     @staticmethod
     def _split_weights(weights: Iterable[tuple[str, torch.Tensor]], projector_prefix: str,
                        audio_prefix: str = "audio_tower.", lm_prefix: str = "language_model."):

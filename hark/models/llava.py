@@ -75,9 +75,4 @@ class LlavaForConditionalGeneration(AudioLanguageModel):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         vision, projector, lm = self._split_weights(((legacy_name(n), t) for n, t in weights),
                                                     "multi_modal_projector.", audio_prefix="vision_tower.")
-        self.vision_tower.load_weights(vision)
-        try:
-            self.multi_modal_projector.load_state_dict(projector)
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint's multi_modal_projector weights do not fit its config: {e}") from None
-        self.language_model.load_weights(lm)
+        self._load_parts(self.vision_tower, vision, projector, lm)

@@ -142,12 +142,7 @@ class UltravoxModel(AudioLanguageModel):
         if not audio and self.config.audio_model_id:
             audio = [(n.removeprefix("model.encoder."), t) for n, t in secondary_weights(self.config.audio_model_id)
                      if n.startswith("model.encoder.")]
-        self.audio_tower.load_weights(audio)
-        try:
-            self.multi_modal_projector.load_state_dict(projector)
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint's multi_modal_projector weights do not fit its config: {e}") from None
-        self.language_model.load_weights(lm)
+        self._load_parts(self.audio_tower, audio, projector, lm)
 
 
 def secondary_weights(model_id: str) -> list[tuple[str, torch.Tensor]]:

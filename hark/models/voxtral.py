@@ -93,9 +93,4 @@ class VoxtralForConditionalGeneration(AudioLanguageModel):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         audio, projector, lm = self._split_weights(((legacy_name(name), tensor) for name, tensor in weights),
                                                    "multi_modal_projector.")
-        self.audio_tower.load_weights(audio)
-        try:
-            self.multi_modal_projector.load_state_dict(projector)
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint's multi_modal_projector weights do not fit its config: {e}") from None
-        self.language_model.load_weights(lm)
+        self._load_parts(self.audio_tower, audio, projector, lm)

@@ -49,6 +49,25 @@ class AudioPromptError(ValueError):
     """A prompt's audio does not fit the model or its placeholders."""
 
 
+def as_prompt_dict(prompt, error: type[ValueError]) -> dict:
+    """A prompt as a dict: a string becomes {"prompt": text}; anything but a dict is an error."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if not isinstance(prompt, dict):
+        raise error("a prompt must be a string, {'prompt': str, 'multi_modal_data': ...} "
+                    "or {'prompt_token_ids': [...], 'multi_modal_data': ...}.")
+    return prompt
+
+
+def prompt_token_ids(prompt: dict, encode, error: type[ValueError]) -> list[int]:
+    """The prompt's token ids: prompt_token_ids as given, or `encode(prompt["prompt"])`."""
+    if prompt.get("prompt_token_ids") is not None:
+        return [int(t) for t in prompt["prompt_token_ids"]]
+    if isinstance(prompt.get("prompt"), str):
+        return encode(prompt["prompt"])
+    raise error("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'.")
+
+
 def as_list(value) -> list:
     if value is None:
         return []
@@ -160,20 +179,10 @@ class AudioPromptProcessor:
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt}
-        if not isinstance(prompt, dict):
-            raise AudioPromptError("a prompt must be a string, {'prompt': str, 'multi_modal_data': ...} "
-                                   "or {'prompt_token_ids': [...], 'multi_modal_data': ...}.")
+        prompt = as_prompt_dict(prompt, AudioPromptError)
         groups = self._audio_groups(prompt)
-        text = prompt.get("prompt")
-        if prompt.get("prompt_token_ids") is not None:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-        elif isinstance(text, str):
-            ids = self.tokenizer.encode(self.token_text(text))
-        else:
-            raise AudioPromptError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'.")
-        return self._expand(ids, groups, text)
+        ids = prompt_token_ids(prompt, lambda text: self.tokenizer.encode(self.token_text(text)), AudioPromptError)
+        return self._expand(ids, groups, prompt.get("prompt"))
 
     def token_text(self, text: str) -> str:
         """text with each placeholder written as the audio token the tokenizer knows."""

@@ -24,8 +24,8 @@ from hark.inputs import AudioItem, ProcessedPrompt
 from hark.media import MediaPolicy, fetch_media
 from hark.media.image import ImageLimits, check_image_size, decode_image, to_rgb
 from hark.media.video import VideoLimits, decode_video
-from hark.multimodal.audio_inputs import (as_list, check_embeds, read_chat_template, read_embeds_part,
-                                          split_embeds)
+from hark.multimodal.audio_inputs import (as_list, as_prompt_dict, check_embeds, prompt_token_ids,
+                                          read_chat_template, read_embeds_part, split_embeds)
 
 DEFAULT_VIDEO_FPS = 2.0    # frames given without a rate: Qwen2-VL's sampling rate
 MAX_NAMED = 256            # images kept under their multi_modal_uuids for later prompts
@@ -70,19 +70,9 @@ class ImagePromptProcessor:
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt}
-        if not isinstance(prompt, dict):
-            raise ImagePromptError("a prompt must be a string, {'prompt': str, 'multi_modal_data': ...} "
-                                   "or {'prompt_token_ids': [...], 'multi_modal_data': ...}.")
+        prompt = as_prompt_dict(prompt, ImagePromptError)
         items = self._items(prompt)
-        text = prompt.get("prompt")
-        if prompt.get("prompt_token_ids") is not None:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-        elif isinstance(text, str):
-            ids = self.tokenizer.encode(self.token_text(text))
-        else:
-            raise ImagePromptError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'.")
+        ids = prompt_token_ids(prompt, lambda text: self.tokenizer.encode(self.token_text(text)), ImagePromptError)
         tokens = {self.image_token_id: "image", self.video_token_id: "video"}
         slots = [(i, tokens[t]) for i, t in enumerate(ids) if t in tokens]
         for kind, placeholder in (("image", self.placeholder_text), ("video", self.video_placeholder_text)):
@@ -100,7 +90,7 @@ class ImagePromptProcessor:
             out.extend([ids[slot]] * item.num_embeds)
             prev = slot + 1
         out.extend(ids[prev:])
-        return ProcessedPrompt(out, ordered, offsets, prompt=text)
+        return ProcessedPrompt(out, ordered, offsets, prompt=prompt.get("prompt"))
 
     def token_text(self, text: str) -> str:
         text = text.replace(self.placeholder_text, self.image_token_text)
