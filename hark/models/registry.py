@@ -16,6 +16,8 @@ _MODELS = {
     "Qwen2_5OmniModel": _OMNI,                              # the whole model (thinker + speech output):
     "Qwen2_5OmniForConditionalGeneration": _OMNI,           # its thinker runs
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
+    "Phi4MultimodalForCausalLM": ("hark.models.phi4_multimodal", "Phi4MultimodalForCausalLM",
+                                  "hark.multimodal.phi4_multimodal", "Phi4MultimodalProcessor"),
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
 }
 
