@@ -55,7 +55,7 @@ class Phi4MultimodalProcessor(AudioPromptProcessor):
         groups = super()._audio_groups(prompt)
         text = prompt.get("prompt")
         numbers = [int(n) for n in AUDIO_PLACEHOLDER.findall(text)] if isinstance(text, str) else []
-        if not numbers or prompt.get("prompt_token_ids") is not None and len(numbers) != len(groups):
+        if len(numbers) != len(groups):          # no numbered placeholders, or a count _expand refuses
             return groups
         if sorted(numbers) != list(range(1, len(groups) + 1)):
             raise AudioPromptError(f"the prompt's audio placeholders {['<|audio_%d|>' % n for n in numbers]} must "
