@@ -284,3 +284,32 @@ def test_encoder_cache_limits_and_refusals(ckpt):
     assert llm.llm_engine.max_model_len == ORIGINAL_MAX
     with pytest.raises(ValueError, match=f"exceeds the model's {ORIGINAL_MAX} positions"):
         LLM(path, max_model_len=ORIGINAL_MAX + 1)
+
+
+@pytest.mark.parametrize("chunk_size,left_chunk", [(-1, 18), (16, 2), (7, 0)])
+def test_encoder_matches_transformers_with_streaming_masks(chunk_size, left_chunk):
+    """hark's conformer against transformers' Phi4MultimodalAudioModel for full attention and for
+    chunked (streaming) masks, which transformers adds to the scores as 1 / 0; clips of 12.34 s and
+    45 s (two 500-frame windows, the second zero-padded)."""
+    from transformers import Phi4MultimodalAudioConfig
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalAudioModel
+    from hark.audio.fbank import log_fbank
+    from hark.models.phi4_multimodal import ConformerEncoder
+    from hark.models.weights import WeightLoader
+    config = Phi4MultimodalAudioConfig(hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=4,
+                                       ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=16,
+                                       chunk_size=chunk_size, left_chunk=left_chunk, kernel_size=5)
+    torch.manual_seed(0)
+    reference = Phi4MultimodalAudioModel(config).eval()
+    randomize(reference, std=0.1, seed=3)
+    ours = ConformerEncoder(config).eval()
+    loader = WeightLoader(ours)
+    for name, tensor in reference.state_dict().items():
+        loader.copy(name.removeprefix("encoder_embedding."), tensor, name)
+    loader.check_complete()
+    for samples in (CLIP_B, 16000 * 45 + 123):
+        features = log_fbank(clip(samples, 5_000))
+        with torch.no_grad():
+            expected = reference(features[None], None)[0]
+            got = ours([features])[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
