@@ -313,3 +313,19 @@ def test_encoder_matches_transformers_with_streaming_masks(chunk_size, left_chun
             expected = reference(features[None], None)[0]
             got = ours([features])[0]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_extractor_settings_are_checked(tmp_path):
+    """A checkpoint's feature extractor settings (processor_config.json's audio_processor) are read:
+    transformers' defaults load, a setting hark's features do not follow is refused."""
+    import json
+    from transformers import Phi4MultimodalFeatureExtractor
+    from hark.multimodal.phi4_multimodal import check_feature_extractor, feature_extractor_settings
+    settings = Phi4MultimodalFeatureExtractor().to_dict()
+    (tmp_path / "processor_config.json").write_text(json.dumps({"audio_processor": settings}))
+    assert feature_extractor_settings(str(tmp_path))["audio_compression_rate"] == 8
+    check_feature_extractor(feature_extractor_settings(str(tmp_path)), 80, 8)
+    with pytest.raises(ValueError, match="audio_feat_stride"):
+        check_feature_extractor(dict(settings, audio_feat_stride=2), 80, 8)
+    with pytest.raises(ValueError, match="feature_size"):
+        check_feature_extractor(settings, 128, 8)

@@ -10,14 +10,43 @@ T = (L - 400) // 160 + 1 log-mel frames (hark.audio.fbank) and ceil(T / 8) embed
 itself); under 25 ms (one frame) is refused. Image placeholders (`<|image_k|>`, the image token)
 are refused: hark runs Phi-4-multimodal's speech path only.
 """
+import json
+import os
 import re
 
+from hark.audio import fbank
 from hark.audio.fbank import log_fbank, num_frames
 from hark.multimodal.audio_inputs import AudioPromptError, AudioPromptProcessor
 
 AUDIO_PLACEHOLDER = re.compile(r"<\|audio_(\d+)\|>")
 IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
 WHOLE_CLIP_FRAMES = 1 << 40     # no 30 s windows: the encoder takes a clip whole
+# feature extractor settings hark's features and counts are fixed to (hark.audio.fbank)
+FIXED_SETTINGS = {"sampling_rate": fbank.SAMPLE_RATE, "hop_length": fbank.HOP_LENGTH, "win_length": fbank.WIN_LENGTH,
+                  "n_fft": fbank.N_FFT, "preemphasis": fbank.PREEMPHASIS, "mel_min_frequency": 0,
+                  "mel_max_frequency": fbank.MEL_MAX_HZ, "audio_downsample_rate": 1, "audio_feat_stride": 1}
+
+
+def feature_extractor_settings(model_path: str) -> dict:
+    """The checkpoint's Phi4MultimodalFeatureExtractor settings: processor_config.json's audio_processor
+    (transformers 5) or preprocessor_config.json; {} when neither is there."""
+    for name, key in (("processor_config.json", "audio_processor"), ("preprocessor_config.json", None)):
+        path = os.path.join(model_path, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            settings = data.get(key) if key else data
+            if isinstance(settings, dict):
+                return settings
+    return {}
+
+
+def check_feature_extractor(settings: dict, n_mels: int, time_reduction: int) -> None:
+    expected = dict(FIXED_SETTINGS, feature_size=n_mels, audio_compression_rate=time_reduction)
+    wrong = {k: settings[k] for k, v in expected.items() if k in settings and settings[k] != v}
+    if wrong:
+        raise ValueError(f"the checkpoint's Phi-4 feature extractor settings {wrong} are not supported; hark computes "
+                         f"its features and placeholder counts with {expected}.")
 
 
 class Phi4MultimodalProcessor(AudioPromptProcessor):
@@ -28,6 +57,7 @@ class Phi4MultimodalProcessor(AudioPromptProcessor):
         self.time_reduction = audio.time_reduction
         vision = getattr(hf_config, "vision_config", None)
         self.image_token_id = getattr(vision, "image_token_id", None)
+        check_feature_extractor(feature_extractor_settings(model_path), audio.input_size, audio.time_reduction)
         super().__init__(tokenizer, model_path, audio_token_id=audio.audio_token_id, hidden_size=hf_config.hidden_size,
                          n_mels=audio.input_size, window_frames=WHOLE_CLIP_FRAMES)
 
