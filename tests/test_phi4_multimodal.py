@@ -329,3 +329,40 @@ def test_feature_extractor_settings_are_checked(tmp_path):
         check_feature_extractor(dict(settings, audio_feat_stride=2), 80, 8)
     with pytest.raises(ValueError, match="feature_size"):
         check_feature_extractor(settings, 128, 8)
+
+
+# the speech LoRA's projections: the LM's fused ones (the audio encoder has o_proj / gate_up_proj / down_proj too)
+LM_PROJECTIONS = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+
+
+def test_speech_lora_matches_peft_merged(ckpt, tmp_path):
+    """A speech LoRA (peft, on the LM's fused qkv_proj / o_proj / gate_up_proj / down_proj, as
+    Phi-4-multimodal's speech-lora) with the base model in one batch: greedy ids as transformers with
+    the adapter merged. Needs hark's multi-LoRA (hark.lora)."""
+    import dataclasses
+    from hark.config import EngineConfig
+    if "enable_lora" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        pytest.skip("this hark has no multi-LoRA yet")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi4MultimodalForCausalLM
+    from hark.lora import LoRARequest
+    path, model, tok, processor = ckpt
+    peft_model = get_peft_model(Phi4MultimodalForCausalLM.from_pretrained(path).eval(),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=LM_PROJECTIONS, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    adapter = str(tmp_path / "speech-lora")
+    peft_model.save_pretrained(adapter)
+    merged = peft_model.merge_and_unload().eval()
+    cases = CASES[:2]
+    llm = LLM(path, enable_lora=True, max_lora_rank=8)
+    lora = LoRARequest("speech", 1, adapter)
+    outs = llm.generate([prompt_of(t, a) for t, a in cases] * 2, GREEDY, use_tqdm=False,
+                        lora_request=[lora, lora, None, None])
+    with_lora = [reference(merged, processor, t, a) for t, a in cases]
+    assert [o.outputs[0].token_ids for o in outs] == with_lora + [reference(model, processor, t, a) for t, a in cases]
+    assert with_lora != [o.outputs[0].token_ids for o in outs[2:]]          # the adapter matters
