@@ -39,7 +39,7 @@ from torch import nn
 
 from hark.inputs import AudioItem
 from hark.models.audio_lm import AudioLanguageModel
-from hark.models.layers import Linear
+from hark.models.layers import Linear, RotaryEmbedding
 from hark.models.llama import LlamaForCausalLM
 from hark.models.weights import WeightLoader
 
@@ -284,6 +284,8 @@ class Phi4MultimodalForCausalLM(AudioLanguageModel):
         self.language_model = LlamaForCausalLM(config, dtype)
         self._bind_language_model(config)
         self.max_positions = context_limit(config)
+        if self.max_positions < config.max_position_embeddings:    # a cos / sin table for the positions served
+            self.language_model.rope = RotaryEmbedding(config, self.max_positions)
 
     # --- audio --------------------------------------------------------------------------------
     def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
