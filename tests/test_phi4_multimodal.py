@@ -225,7 +225,7 @@ def test_logits_close_to_transformers(ckpt):
         assert token == int(ref[n_prompt - 1 + step].argmax())
         for t, logprob in entry.items():
             worst = max(worst, abs(logprob.logprob - ref[n_prompt - 1 + step, t].item()))
-    assert worst < 1e-4
+    assert worst < 1e-5          # measured 1e-6
 
 
 def wav_b64(audio: np.ndarray) -> str:
