@@ -207,7 +207,8 @@ class ConformerEncoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         dtype = self.global_mean.dtype
-        frames = [self.embed((f.to(dtype) - self.global_mean) * self.global_invstd) for f in features]
+        frames = [self.embed((f.to(self.global_mean.device, dtype) - self.global_mean) * self.global_invstd)
+                  for f in features]
         windows = []                                   # (clip, first frame, window [n, D])
         for i, x in enumerate(frames):
             if x.shape[0] <= WINDOW:
