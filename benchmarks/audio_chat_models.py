@@ -301,6 +301,34 @@ class OmniReference(Reference):
         inputs = self.processor(text=[q for _, q in requests], audio=[a for a, _ in requests], sampling_rate=16000,
                                 return_tensors="pt", padding=True)
         inputs["input_features"] = inputs["input_features"].to(dtype)
+# --- Phi-4-multimodal: transformers' Phi4MultimodalProcessor + Phi4MultimodalForCausalLM ------------
+PHI4_AUDIO_TOKEN = "<|endoftext11|>"
+
+
+class Phi4MultimodalReference(Reference):
+    """transformers' Phi-4 feature extractor and processor (its image processor left out: it needs
+    torchvision), Phi4MultimodalForCausalLM.generate; prompts write vLLM's <|audio_1|>, given to
+    transformers as the audio token its processor expands."""
+
+    def __init__(self, model, tok):
+        from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalProcessor
+
+        class AudioOnlyProcessor(Phi4MultimodalProcessor):
+            def check_argument_for_proper_class(self, name, argument):
+                return type(argument)
+
+        tok.audio_token, tok.audio_token_id = PHI4_AUDIO_TOKEN, tok.convert_tokens_to_ids(PHI4_AUDIO_TOKEN)
+        tok.image_token, tok.image_token_id = "<|endoftext10|>", tok.convert_tokens_to_ids("<|endoftext10|>")
+        self.model, self.tok = model, tok
+        self.processor = AudioOnlyProcessor(image_processor=None, audio_processor=Phi4MultimodalFeatureExtractor(),
+                                            tokenizer=tok)
+
+    @torch.no_grad()
+    def generate(self, requests, max_new, dtype):
+        texts = [q.replace("<|audio_1|>", PHI4_AUDIO_TOKEN) for _, q in requests]
+        inputs = self.processor(text=texts, audio=[a for a, _ in requests], sampling_rate=16000, return_tensors="pt",
+                                padding=True)
+        inputs["audio_input_features"] = inputs["audio_input_features"].to(dtype)
         out = self.model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
                                   pad_token_id=self.tok.eos_token_id)
         return out[:, inputs["input_ids"].shape[1]:].tolist()
@@ -429,3 +457,29 @@ def build_minicpmo(path: str, size: Size) -> Reference:
 register(BenchModel("minicpmo", "(<audio>./</audio>)", build_minicpmo,
                     "transformers WhisperFeatureExtractor + WhisperEncoder layers (1 s block-causal mask) + "
                     "MiniCPM-o's projector and pooling + Qwen2ForCausalLM.generate (openbmb's model is remote code)"))
+def build_phi4_multimodal(path: str, size: Size) -> Reference:
+    """The conformer at the shared encoder's size (4 blocks, 384 wide, 6 heads, FFN 1536, 384 subsampling
+    channels); the LM with Phi-4's partial rotary factor (0.75)."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+    tok = byte_tokenizer(path, ["<|endoftext10|>", PHI4_AUDIO_TOKEN])
+    d = ENCODER["d_model"]
+    config = Phi4MultimodalConfig(
+        **size.lm, vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.75},
+        audio_config=dict(hidden_size=d, intermediate_size=ENCODER["encoder_ffn_dim"],
+                          num_blocks=ENCODER["encoder_layers"], num_attention_heads=ENCODER["encoder_attention_heads"],
+                          ext_pw_out_channel=d, depthwise_separable_out_channel=d, nemo_conv_channels=d,
+                          audio_token_id=tok.convert_tokens_to_ids(PHI4_AUDIO_TOKEN)),
+        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, crop_size=28,
+                           image_token_id=tok.convert_tokens_to_ids("<|endoftext10|>")),
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        architectures=["Phi4MultimodalForCausalLM"])
+    torch.manual_seed(0)
+    model = Phi4MultimodalForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return Phi4MultimodalReference(model, tok)
+
+
+register(BenchModel("phi4_multimodal", "<|audio_1|>", build_phi4_multimodal,
+                    "transformers Phi4MultimodalProcessor + Phi4MultimodalForCausalLM.generate"))

@@ -57,7 +57,8 @@ def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))     # Phi-3 / Phi-4: the first dims only
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' is not supported; use a checkpoint with static RoPE scaling.")
@@ -65,7 +66,8 @@ def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE with a precomputed cos/sin table indexed by position."""
+    """Rotate-half RoPE with a precomputed cos/sin table indexed by position. With a partial rotary
+    factor the table is narrower than a head: only the first dims turn, the rest pass through."""
 
     def __init__(self, config, max_positions: int):
         super().__init__()
@@ -78,6 +80,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)   # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        d = cos.shape[-1]
+        if d < q.shape[-1]:
+            return (torch.cat((q[..., :d] * cos + rotate_half(q[..., :d]) * sin, q[..., d:]), dim=-1),
+                    torch.cat((k[..., :d] * cos + rotate_half(k[..., :d]) * sin, k[..., d:]), dim=-1))
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 

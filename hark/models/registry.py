@@ -22,6 +22,8 @@ _MODELS = {
                                       "LlavaProcessor"),
     "Qwen2VLForConditionalGeneration": _QWEN2_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,             # the same model; its vision tower differs
+    "Phi4MultimodalForCausalLM": ("hark.models.phi4_multimodal", "Phi4MultimodalForCausalLM",
+                                  "hark.multimodal.phi4_multimodal", "Phi4MultimodalProcessor"),
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
     "VoxtralForConditionalGeneration": ("hark.models.voxtral", "VoxtralForConditionalGeneration",
                                         "hark.multimodal.voxtral", "VoxtralProcessor"),
