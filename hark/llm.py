@@ -6,7 +6,8 @@ import torch
 from hark.engine.engine import LLMEngine
 from hark.engine_args import EngineArgs
 from hark.outputs import RequestOutput
-from hark.sampling import SamplingParams
+from hark.beam_search import BeamSearchOutput, BeamSearchSequence
+from hark.sampling import BeamSearchParams, SamplingParams
 
 
 def set_num_threads(n: int) -> None:
@@ -46,6 +47,31 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
         return self._run(prompts, params, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
+                    lora_request=None) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: the beam_width best sequences of each prompt, all prompts' beams in one
+        continuous batch (see hark.engine.beam for the search and its ranking)."""
+        if lora_request is not None:
+            raise ValueError("hark does not serve LoRA adapters; pass lora_request=None.")
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        sampling = params.sampling_params()
+        decode = self.llm_engine.detokenizer.decode
+        outputs = []
+        for out in self._run(prompts, [sampling] * len(prompts), use_tqdm):
+            sequences = []
+            for c in out.outputs:
+                tokens = list(out.prompt_token_ids) + list(c.token_ids)
+                shown = tokens[:-1] if c.finish_reason == "stop" else tokens
+                sequences.append(BeamSearchSequence(tokens=tokens, logprobs=c.logprobs, cum_logprob=c.cumulative_logprob,
+                                                    text=decode(shown, False), finish_reason=c.finish_reason,
+                                                    stop_reason=c.stop_reason))
+            outputs.append(BeamSearchOutput(sequences))
+        return outputs
 
     def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -2,12 +2,16 @@
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from hark.inputs import ProcessedPrompt, PromptPositions
 from hark.outputs import Logprob, RequestMetrics
 from hark.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from hark.engine.beam import BeamSearch
 
 
 class SequenceStatus(Enum):
@@ -29,9 +33,12 @@ class Request:
     cross_cache: dict = field(default_factory=dict)
     cache_salt: str | None = None                # mixed into the first block hash (audio of enc-dec)
     positions: PromptPositions | None = None     # M-RoPE models: the prompt's positions, from the model
+    beam: "BeamSearch | None" = None             # beam search: its state; seqs are then the live beams
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(s.status == SequenceStatus.FINISHED for s in self.seqs)
 
     def release_encoder_state(self) -> None:
