@@ -277,15 +277,18 @@ def whisper_beam_reference(engine, request, width: int, patience: float, length_
     return max(finished, key=lambda c: c[1] / len(c[0]) ** length_penalty)[0]
 
 
-@pytest.mark.parametrize("width, patience, length_penalty", [(5, 1.0, 1.0), (3, 2.0, 0.5)])
-def test_whisper_window_beam_matches_openai_whisper_rule(tiny_en, width, patience, length_penalty):
+@pytest.mark.parametrize("width, patience, length_penalty, noise", [(5, 1.0, 1.0, 0.0), (3, 2.0, 0.5, 0.0),
+                                                                   (5, 1.0, 1.0, 0.08), (4, 2.0, 0.0, 0.08)])
+def test_whisper_window_beam_matches_openai_whisper_rule(tiny_en, width, patience, length_penalty, noise):
     """A window's decode with beam_size/patience/length_penalty (timestamp rules and suppression per beam)
-    equals openai-whisper's beam search run densely."""
+    equals openai-whisper's beam search run densely; noisy audio makes the hypotheses differ."""
     from hark.transcribe import TranscriptionOptions
     from hark.transcribe.pipeline import TranscriptionRun
     engine = tiny_en.llm_engine
     wavs = sorted(glob.glob(os.path.join(DATA, "*.wav")))[:2]
+    rng = np.random.default_rng(0)
     clips = [sf.read(w, dtype="float32")[0] for w in wavs]
+    clips = [c + noise * rng.standard_normal(len(c)).astype(np.float32) for c in clips]
     opts = TranscriptionOptions(temperature=0.0, beam_size=width, patience=patience, length_penalty=length_penalty)
     run = TranscriptionRun(engine, clips, opts)
     requests = run.start()
@@ -337,3 +340,35 @@ def test_cli_beam_options():
     assert _options(build_parser().parse_args(["transcribe", "x.wav"]))["beam_size"] == 1     # greedy stays the default
     with pytest.raises(ValueError, match="patience"):
         _options(build_parser().parse_args(["transcribe", "--patience", "-1", "x.wav"]))
+
+
+def test_server_use_beam_search(tiny_en):
+    """POST /v1/audio/transcriptions with use_beam_search=true (vLLM's field), beam_width, length_penalty;
+    bad values are OpenAI-style 400s."""
+    import httpx
+    from hark.engine.async_engine import AsyncLLMEngine
+    from hark.server.app import BackgroundServer, build_app
+    from hark.server.metrics import Metrics
+    from hark.server.state import ServedModel
+    wav = sorted(glob.glob(os.path.join(DATA, "*.wav")))[0]
+    with open(wav, "rb") as f:
+        audio = f.read()
+    metrics = Metrics()
+    app = build_app([ServedModel("whisper-1", AsyncLLMEngine(tiny_en.llm_engine), metrics)], metrics)
+    with BackgroundServer(app) as url:
+        def post(**fields):
+            return httpx.post(url + "/v1/audio/transcriptions", files={"file": ("a.wav", audio)},
+                              data={"model": "whisper-1", **fields}, timeout=120)
+        beam = post(use_beam_search="true", beam_width="4", length_penalty="0.8")
+        assert beam.status_code == 200
+        want = tiny_en.transcribe(sf.read(wav, dtype="float32")[0], beam_size=4, length_penalty=0.8)
+        assert beam.json()["text"] == want.text
+        for fields, param in ((dict(use_beam_search="maybe"), "use_beam_search"),
+                              (dict(use_beam_search="true", beam_width="0"), "beam_width"),
+                              (dict(use_beam_search="true", beam_width="five"), "beam_width"),
+                              (dict(beam_width="3"), "beam_width"),
+                              (dict(use_beam_search="true", length_penalty="nan"), "length_penalty")):
+            r = post(**fields)
+            assert r.status_code == 400, (fields, r.text)
+            error = r.json()["error"]
+            assert param in error["message"] and "Traceback" not in r.text
