@@ -9,13 +9,14 @@ import os
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "LoRARequest"]
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams", "RequestOutput",
+           "CompletionOutput", "Logprob", "LoRARequest"]
 
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {"LLM": "hark.llm", "EngineArgs": "hark.engine_args", "SamplingParams": "hark.sampling", "StructuredOutputsParams": "hark.sampling",
+         "BeamSearchParams": "hark.sampling",
          "RequestOutput": "hark.outputs",
          "CompletionOutput": "hark.outputs", "Logprob": "hark.outputs", "LoRARequest": "hark.lora.request"}
 

@@ -7,7 +7,8 @@ from hark.engine.engine import LLMEngine
 from hark.engine_args import EngineArgs
 from hark.lora.request import LoRARequest
 from hark.outputs import RequestOutput
-from hark.sampling import SamplingParams
+from hark.beam_search import BeamSearchOutput, BeamSearchSequence
+from hark.sampling import BeamSearchParams, SamplingParams
 
 
 def set_num_threads(n: int) -> None:
@@ -47,13 +48,30 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
-        if not isinstance(lora_request, (list, tuple)):
-            loras = [lora_request] * len(prompts)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts.")
-        return self._run(prompts, params, use_tqdm, loras)
+        return self._run(prompts, params, use_tqdm, per_prompt(lora_request, len(prompts)))
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
+                    lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: the beam_width best sequences of each prompt, all prompts' beams in one
+        continuous batch (see hark.engine.beam for the search and its ranking)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        sampling = params.sampling_params()
+        decode = self.llm_engine.detokenizer.decode
+        outputs = []
+        for out in self._run(prompts, [sampling] * len(prompts), use_tqdm, per_prompt(lora_request, len(prompts))):
+            sequences = []
+            for c in out.outputs:
+                tokens = list(out.prompt_token_ids) + list(c.token_ids)
+                shown = tokens[:-1] if c.finish_reason == "stop" else tokens
+                sequences.append(BeamSearchSequence(tokens=tokens, logprobs=c.logprobs, cum_logprob=c.cumulative_logprob,
+                                                    text=decode(shown, False), finish_reason=c.finish_reason,
+                                                    stop_reason=c.stop_reason))
+            outputs.append(BeamSearchOutput(sequences))
+        return outputs
 
     def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool,
              loras: list[LoRARequest | None]) -> list[RequestOutput]:
@@ -101,3 +119,12 @@ class LLM:
             return transcribe_by_prompt(self, audio, **kwargs)
         from hark.transcribe import transcribe
         return transcribe(self, audio, **kwargs)
+
+
+def per_prompt(lora_request, n: int) -> list:
+    """One adapter (or None) for every prompt, or a list with one per prompt."""
+    if not isinstance(lora_request, (list, tuple)):
+        return [lora_request] * n
+    if len(lora_request) != n:
+        raise ValueError(f"got {len(lora_request)} lora_requests for {n} prompts.")
+    return list(lora_request)

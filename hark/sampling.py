@@ -1,6 +1,7 @@
 """SamplingParams: how to pick the next token and when to stop, as in vLLM; StructuredOutputsParams: the
 grammar an output must follow."""
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,6 +75,13 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     structured_outputs: StructuredOutputsParams | None = None
+    # Beam search (hark.engine.beam): beam_width > 1 keeps that many beams and returns the best
+    # hypotheses, ranked by cumulative logprob / output length ** length_penalty. patience None stops
+    # as transformers' generate(num_beams=...) does; a number stops as openai-whisper's beam search does,
+    # once round(beam_width * patience) hypotheses finished.
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    patience: float | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -120,12 +128,49 @@ class SamplingParams:
             if self.min_tokens:
                 raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides "
                                  "where the output ends.")
+        if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= 64:
+            bad("beam_width", self.beam_width, "an integer in [1, 64]")
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool) \
+                or not math.isfinite(self.length_penalty):
+            bad("length_penalty", self.length_penalty, "a finite number")
+        if self.patience is not None and (not isinstance(self.patience, (int, float)) or not 0 < self.patience <= 16):
+            bad("patience", self.patience, "a number in (0, 16] (or None)")
+        if self.beam_width > 1:
+            given = [name for name, off in (("n", self.n == 1), ("stop", not self.stop),
+                                            ("structured_outputs", self.structured_outputs is None))
+                     if not off]
+            if given:
+                raise ValueError(f"beam search (beam_width > 1) cannot be combined with {', '.join(given)}.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
     @property
+    def uses_beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    @property
     def uses_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's LLM.beam_search parameters. Hypotheses are ranked by cumulative logprob / (output tokens
+    ** length_penalty), and the search stops as transformers' generate(num_beams=beam_width) does."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0            # > 0: the beams follow the logprobs of logits / temperature
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        self.sampling_params()          # validates
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(beam_width=self.beam_width, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              temperature=self.temperature, length_penalty=self.length_penalty,
+                              include_stop_str_in_output=self.include_stop_str_in_output, logprobs=0)

@@ -16,7 +16,7 @@ class Detokenizer:
         seq.read_offset = seq.num_prompt_tokens
         seq.prefix_offset = max(seq.num_prompt_tokens - 5, 0)
 
-    def _decode(self, ids: list[int], skip_special: bool) -> str:
+    def decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special,
                                      clean_up_tokenization_spaces=False)
 
@@ -24,8 +24,8 @@ class Detokenizer:
         """Appends the text of seq's newest tokens to seq.text; returns the new text."""
         skip = seq.params.skip_special_tokens
         ids = seq.token_ids
-        prefix_text = self._decode(ids[seq.prefix_offset: seq.read_offset], skip)
-        full_text = self._decode(ids[seq.prefix_offset:], skip)
+        prefix_text = self.decode(ids[seq.prefix_offset: seq.read_offset], skip)
+        full_text = self.decode(ids[seq.prefix_offset:], skip)
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             return ""                                   # incomplete character: wait for more bytes
         new_text = full_text[len(prefix_text):]

@@ -7,9 +7,10 @@ from functools import cached_property
 import torch
 
 from hark.config import EngineConfig
+from hark.engine.beam import BeamSearch
 from hark.engine.detokenizer import Detokenizer, find_stop_string
 from hark.engine.kv_cache import KVCacheManager
-from hark.engine.request import Request, Sequence
+from hark.engine.request import Request, Sequence, SequenceStatus
 from hark.engine.scheduler import Scheduler
 from hark.engine.structured_output import StructuredOutputs
 from hark.inputs import ProcessedPrompt
@@ -155,6 +156,9 @@ class LLMEngine:
                     processed: ProcessedPrompt | None = None, lora_request: LoRARequest | None = None) -> str:
         """Validates and queues a request. Raises ValueError before anything is scheduled."""
         params.validate()
+        if params.beam_width > self.scheduler.max_num_seqs:
+            raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs={self.scheduler.max_num_seqs}: "
+                             f"every beam is a running sequence.")
         processed = processed or self.process_prompt(prompt)
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self.requests:
@@ -167,6 +171,10 @@ class LLMEngine:
             request.cache_salt = processed.audio_items[0].hash if processed.audio_items else None
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
+        if params.uses_beam_search:
+            stops = set(params.stop_token_ids)
+            request.beam = BeamSearch(params.beam_width, float(params.length_penalty), params.patience,
+                                      stops | (set() if params.ignore_eos else set(self.eos_token_ids)), stops)
         parent = None
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else int(
@@ -181,6 +189,8 @@ class LLMEngine:
             self.detokenizer.start(seq)
             request.seqs.append(seq)
             parent = parent or seq
+        if request.beam is not None:
+            request.beam.live = list(request.seqs)
         if lora_request is not None:        # the last check (a bad adapter): it holds the adapter from here on
             request.lora_cache_key = self._lora_manager().acquire(lora_request)
         self.requests[request_id] = request
@@ -196,6 +206,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        if request.beam is not None:
+            self._end_beam_search(request)
         self._release(request)
         return self._output(request)
 
@@ -232,14 +244,21 @@ class LLMEngine:
             if seq.index == 0 and len(seq.request.prompt_logprobs) == first + 1:
                 seq.request.prompt_logprobs.extend(sampler.prompt_logprobs(logits, nxt, k))
         moved = {}
-        if result.sample_rows:
-            seqs = [batch.seqs[i] for i in result.sample_rows]
+        rows = [r for r, i in enumerate(result.sample_rows) if batch.seqs[i].request.beam is None]
+        if rows:
+            seqs = [batch.seqs[result.sample_rows[r]] for r in rows]
             grammar_mask = self.structured_outputs.bitmask([s.grammar for s in seqs]) if any(
                 s.grammar is not None for s in seqs) else None
-            sampled = sampler.sample(result.logits, seqs, self.eos_token_ids, grammar_mask)
+            logits = result.logits if len(rows) == len(result.sample_rows) else result.logits[rows]
+            sampled = sampler.sample(logits, seqs, self.eos_token_ids, grammar_mask)
             for row, seq in enumerate(seqs):
                 self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
                 moved[id(seq.request)] = seq.request
+        beam_rows = [r for r, i in enumerate(result.sample_rows) if batch.seqs[i].request.beam is not None]
+        if beam_rows:
+            for request in self._step_beams([batch.seqs[result.sample_rows[r]] for r in beam_rows],
+                                            result.logits[beam_rows]):
+                moved[id(request)] = request
         outputs = []
         for request in moved.values():
             if request.finished:
@@ -287,15 +306,97 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)
 
+    # --- beam search --------------------------------------------------------------------------
+    def _step_beams(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Request]:
+        """Takes the candidates of beams that reached this step; moves every request whose live beams
+        all did one token on. Returns the requests that finished."""
+        k = max(s.request.beam.num_candidates for s in seqs)
+        values, ids = sampler.beam_candidates(logits, seqs, self.eos_token_ids, k)
+        requests = {}
+        for seq, v, t in zip(seqs, values, ids):
+            n = seq.request.beam.num_candidates
+            seq.request.beam.pending[seq] = (v[:n], t[:n])
+            requests[id(seq.request)] = seq.request
+        finished = []
+        copies: list[tuple[int, int]] = []
+        for request in requests.values():
+            if request.beam.ready:
+                copies += self._advance_beams(request)
+                if request.beam.done:
+                    finished.append(request)
+        self.runner.copy_blocks(copies)
+        return finished
+
+    def _advance_beams(self, request: Request) -> list[tuple[int, int]]:
+        """One beam-search step of request: the chosen candidates continue (a beam chosen twice or more
+        forks), the others are dropped and free their blocks. Returns the KV blocks forks must copy."""
+        beam = request.beam
+        length = beam.live[0].num_tokens + 1          # beams advance together: all have the same length
+        at_limit = length >= self.max_model_len or (
+            request.params.max_tokens is not None and length - beam.live[0].num_prompt_tokens >= request.params.max_tokens)
+        chosen = beam.select(beam.candidates(), at_limit)
+        m = request.metrics
+        if m.first_token_time is None:
+            m.first_token_time = time.time()
+        taken = {c.seq for c in chosen}
+        for seq in beam.live:                          # dropped beams free their blocks first
+            if seq not in taken:
+                self.scheduler.finish(seq)
+        targets, copies, used = [], [], set()
+        for c in chosen:                               # forks before any token is appended
+            if c.seq not in used:
+                used.add(c.seq)
+                targets.append(c.seq)
+                continue
+            child, copy = self._fork(c.seq)
+            targets.append(child)
+            if copy is not None:
+                copies.append(copy)
+        for c, seq in zip(chosen, targets):
+            seq.token_ids.append(c.token)
+            seq.cumulative_logprob = c.cum_logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(c.logprob_entry)
+        beam.live = request.seqs = targets
+        if beam.done:
+            self._end_beam_search(request)
+        return copies
+
+    def _fork(self, parent: Sequence) -> tuple[Sequence, tuple[int, int] | None]:
+        """A new beam with parent's tokens and KV blocks (shared; the last partial one copied)."""
+        child = Sequence(next(self._seq_ids), parent.request, 0, list(parent.token_ids), parent.num_prompt_tokens,
+                         cumulative_logprob=parent.cumulative_logprob,
+                         logprobs=None if parent.logprobs is None else list(parent.logprobs))
+        copy = self.kv.fork(parent, child) if parent.status == SequenceStatus.RUNNING else None
+        self.scheduler.add_fork(child)
+        return child, copy
+
+    def _end_beam_search(self, request: Request) -> None:
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+        request.seqs = []
+        request.beam.done = True
+        if request.beam.admitted:
+            self.scheduler.release_seats(request.beam.width)
+
     def _output(self, request: Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob, s.logprobs,
-                                 s.finish_reason, s.stop_reason) for s in request.seqs]
+        if request.beam is not None:
+            outs = [self._beam_output(i, h, request.params) for i, h in enumerate(request.beam.results())]
+        else:
+            outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob, s.logprobs,
+                                     s.finish_reason, s.stop_reason) for s in request.seqs]
         p = request.prompt
         return RequestOutput(request.request_id, p.prompt, p.prompt_token_ids, outs, request.finished,
                              prompt_logprobs=request.prompt_logprobs, metrics=request.metrics,
                              num_cached_tokens=request.metrics.num_cached_tokens,
                              encoder_prompt_token_ids=p.encoder_prompt_token_ids,
                              encoder_prompt="" if self.model.is_encoder_decoder else None)
+
+    def _beam_output(self, index: int, h, params: SamplingParams) -> CompletionOutput:
+        shown = h.token_ids if h.finish_reason != "stop" or params.include_stop_str_in_output else h.token_ids[:-1]
+        text = self.detokenizer.decode(shown, params.skip_special_tokens)
+        return CompletionOutput(index, text, h.token_ids, h.cum_logprob, h.logprobs, h.finish_reason, h.stop_reason)
 
     # --- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:

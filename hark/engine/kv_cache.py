@@ -100,6 +100,29 @@ class KVCacheManager:
             seq.block_table.append(self._pop_free())
         return True
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Gives child (a copy of parent's tokens) parent's KV: its full blocks shared (one more reference
+        each), its last partial block copied into a new block (copy-on-write: both go on writing there).
+        Returns (source, destination) of the block the runner must copy, if any. When no block is free
+        for the copy nothing is shared (child.num_computed_tokens stays 0): child recomputes its tokens."""
+        computed = parent.num_computed_tokens
+        full = computed // self.block_size
+        partial = computed % self.block_size != 0
+        if partial and not self.free_queue:
+            return None
+        for block in parent.block_table[:full]:
+            self._take(block)
+        child.block_table = list(parent.block_table[:full])
+        child.block_hashes = list(parent.block_hashes[:full])
+        child.num_committed_blocks = min(parent.num_committed_blocks, full)
+        child.num_computed_tokens = computed
+        child.num_cached_tokens = parent.num_cached_tokens
+        if not partial:
+            return None
+        copy = self._pop_free()
+        child.block_table.append(copy)
+        return parent.block_table[full], copy
+
     def free(self, seq: Sequence) -> None:
         """Releases seq's blocks; hashed blocks stay findable until reused, tail blocks go first."""
         for block in reversed(seq.block_table):

@@ -2,6 +2,7 @@
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -9,6 +10,9 @@ from hark.inputs import ProcessedPrompt, PromptPositions
 from hark.lora.request import LoRARequest
 from hark.outputs import Logprob, RequestMetrics
 from hark.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from hark.engine.beam import BeamSearch
 
 
 class SequenceStatus(Enum):
@@ -32,6 +36,7 @@ class Request:
     positions: PromptPositions | None = None     # M-RoPE models: the prompt's positions, from the model
     lora_request: LoRARequest | None = None      # the adapter it runs with (None: the base model)
     lora_cache_key: tuple | None = None          # mixed into the first block hash (set while it holds the adapter)
+    beam: "BeamSearch | None" = None             # beam search: its state; seqs are then the live beams
 
     @property
     def lora_int_id(self) -> int:
@@ -39,6 +44,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(s.status == SequenceStatus.FINISHED for s in self.seqs)
 
     def release_encoder_state(self) -> None:

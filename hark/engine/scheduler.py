@@ -10,6 +10,12 @@ tokens, so its output does not change.
 With LoRA (max_loras set), the running sequences use at most max_loras adapters: a waiting sequence
 whose adapter would be one more waits, and the others pass it. A batch is ordered by adapter, so each
 adapter's rows are one run for the grouped low-rank products.
+
+Beam search: a request's beams are sequences like any other. Its first sequence is admitted only
+when `beam_width` seats are free, and the request keeps those seats (`reserved` counts the ones its
+live beams do not fill) until it ends, so forking never exceeds max_num_seqs. A beam that has reported
+its candidates has no token to compute until the request's other beams have: it is skipped (and
+preempted when a waiting sibling needs its blocks).
 """
 from collections import deque
 from dataclasses import dataclass
@@ -39,11 +45,25 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.reserved = 0           # seats held by beam-search requests beyond their running beams
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch:
+        batch = self._schedule()
+        while batch.empty and self.waiting and self.running:
+            # Only beams waiting for a sibling that has no room to run: make room (their candidates
+            # are kept, so the sibling's step still completes the request's step).
+            victim = self.running.pop()
+            self._preempt(victim)
+            self.waiting.remove(victim)      # behind the sibling it makes room for
+            self.waiting.append(victim)
+            batch = self._schedule()
+            batch.preempted.append(victim)
+        return batch
+
+    def _schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
         counts: list[int] = []
@@ -53,6 +73,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:              # a beam waiting for its request's other beams
+                i += 1
+                continue
             while not self.kv.allocate(seq, n):
                 victim = self.running.pop()            # the newest
                 self._preempt(victim)
@@ -72,6 +95,10 @@ class Scheduler:
             adapters = {s.request.lora_int_id for s in self.running} - {0}
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
+                beam = seq.request.beam
+                if beam is not None and not beam.admitted and \
+                        len(self.running) + self.reserved + beam.width > self.max_num_seqs:
+                    break           # a beam search starts only with seats for all its beams
                 if seq.parent is not None and not seq.parent.prefilled and not seq.parent.is_finished:
                     skipped.append(self.waiting.popleft())      # wait for the parent's prompt KV
                     continue
@@ -88,6 +115,9 @@ class Scheduler:
                 if not self.kv.allocate(seq, n):
                     break
                 self.waiting.popleft()
+                if beam is not None:
+                    self.reserved += beam.width - 1 if not beam.admitted else -1
+                    beam.admitted = True
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 scheduled.append(seq)
@@ -101,7 +131,23 @@ class Scheduler:
             scheduled, counts = [scheduled[i] for i in order], [counts[i] for i in order]
         return ScheduledBatch(scheduled, counts, preempted)
 
+    def add_fork(self, seq: Sequence) -> None:
+        """A beam forked from a running one: it runs at once on its own share of its request's seats."""
+        self.reserved -= 1
+        if seq.num_computed_tokens:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:                       # no KV to share: it recomputes its tokens, on a reserved seat
+            self.reserved += 1
+            self.waiting.appendleft(seq)
+
+    def release_seats(self, width: int) -> None:
+        """A beam-search request ended: its seats (all free by now) go back."""
+        self.reserved -= width
+
     def _preempt(self, seq: Sequence) -> None:
+        if seq.request.beam is not None:
+            self.reserved += 1
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -114,6 +160,8 @@ class Scheduler:
         """Removes a finished or aborted sequence and frees its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
+            if seq.request.beam is not None:
+                self.reserved += 1
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)

@@ -9,7 +9,7 @@ the step's batch (`cross_keys_values`).
 detection, no-speech probability, word-timestamp alignment heads).
 """
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -75,25 +75,28 @@ class CrossAttention(nn.Module):
         return k.transpose(-3, -2).contiguous(), v.transpose(-3, -2).contiguous()
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor],
-                rows: torch.Tensor | None) -> torch.Tensor:
-        """Packed decoder tokens x [T, D]; sequence i attends to row rows[i] (row i when rows is None)
+                rows: "CrossRows | None") -> torch.Tensor:
+        """Packed decoder tokens x [T, D]; sequence i attends to row rows.rows[i] (row i when rows is None)
         of kv = (K, V) [R, H, S_enc, Dh].
 
         A decode step (one token per sequence) is one SDPA call over all rows, those of finished
-        requests with zero queries; steps with prompt chunks loop over the sequences.
+        requests with zero queries and those of beam-search requests with one query per beam (the
+        beams of a window share its K/V); steps with prompt chunks loop over the sequences.
         """
         k, v = kv
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
         if len(q) == meta.num_seqs:
-            q = q.unsqueeze(2)  # [S, H, 1, Dh]
-            if rows is not None:
-                q = q.new_zeros(len(k), *q.shape[1:]).index_copy_(0, rows, q)
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            return self.out_proj((out if rows is None else out[rows]).flatten(1))
+            if rows is None:
+                out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=self.scale)   # [S, H, 1, Dh]
+                return self.out_proj(out.flatten(1))
+            padded = q.new_zeros(len(k), self.num_heads, rows.width, self.head_dim)
+            padded[rows.rows, :, rows.slots] = q
+            out = F.scaled_dot_product_attention(padded, k, v, scale=self.scale)
+            return self.out_proj(out[rows.rows, :, rows.slots].flatten(1))
         q = q.transpose(0, 1)  # [H, T, Dh]
         out = torch.empty_like(q)
         for i in range(meta.num_seqs):
-            row = i if rows is None else int(rows[i])
+            row = i if rows is None else rows.row_list[i]
             span = slice(meta.query_start[i], meta.query_start[i + 1])
             out[:, span] = F.scaled_dot_product_attention(q[:, span], k[row], v[row], scale=self.scale)
         return self.out_proj(out.transpose(0, 1).flatten(1))
@@ -119,11 +122,34 @@ class CrossKVStack:
     """Cross-attention K/V of a batch of requests, stacked per decoder layer: K, V [R, H, S_enc, Dh]."""
     members: tuple[int, ...]                          # the uid of each row's request cross cache
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    index: dict[int, int] = field(init=False)         # uid -> row
+
+    def __post_init__(self):
+        self.index = {uid: r for r, uid in enumerate(self.members)}
 
     def row(self, uid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.members.index(uid)
+        r = self.index[uid]
         k, v = self.layers[layer]
         return k[r], v[r]
+
+
+@dataclass
+class CrossRows:
+    """Where each sequence of a step finds its request's cross-attention K/V in a CrossKVStack: row
+    rows[i], and query slot slots[i] of that row (beams of one request share a row, one slot each)."""
+    row_list: list[int]
+    rows: torch.Tensor
+    slots: torch.Tensor
+    width: int                  # slots per row: the most sequences sharing one row
+
+    @classmethod
+    def of(cls, row_list: list[int]) -> "CrossRows":
+        seen: dict[int, int] = {}
+        slots = []
+        for r in row_list:
+            slots.append(seen.get(r, 0))
+            seen[r] = slots[-1] + 1
+        return cls(row_list, torch.tensor(row_list), torch.tensor(slots), max(seen.values()))
 
 
 class DecoderLayer(nn.Module):
@@ -137,7 +163,7 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cross_kv: tuple[torch.Tensor, torch.Tensor],
-                cross_rows: torch.Tensor | None) -> torch.Tensor:
+                cross_rows: CrossRows | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), meta)
         x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), meta, cross_kv, cross_rows)
         return x + self.mlp(self.final_layer_norm(x))
@@ -214,9 +240,9 @@ class WhisperForConditionalGeneration(nn.Module):
             x = x[meta.output_rows]
         return self.decoder.layer_norm(x)
 
-    def cross_keys_values(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple["CrossKVStack", torch.Tensor | None]:
-        """The cross-attention K/V of this step's sequences: a stack and the row of each sequence in it
-        (None: row i for sequence i).
+    def cross_keys_values(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple["CrossKVStack", CrossRows | None]:
+        """The cross-attention K/V of this step's requests: a stack with one row per request, and the row
+        of each sequence in it (None: row i for sequence i). The beams of a request share its row.
 
         A request's K/V are computed at its first step. The requests of a step share one stack, kept
         in their cross caches, which is rebuilt only when a request joins or when more than half its
@@ -229,16 +255,23 @@ class WhisperForConditionalGeneration(nn.Module):
             if "uid" not in cache:
                 cache["uid"] = next(_cross_cache_uids)
         members = tuple(c["uid"] for c in caches)
+        unique = list({c["uid"]: c for c in caches}.values())       # one cache per request, in order
+        uids = tuple(c["uid"] for c in unique)
         stack = caches[0].get("stack")
-        if stack is not None and stack.members == members:
+        reusable = stack is not None and 2 * len(uids) > len(stack.members) and all(u in stack.index for u in uids)
+        if not reusable:
+            stack = self._build_stack(meta, unique, dtype)
+        if stack.members == members:
             return stack, None
-        if stack is not None and len(set(members)) == len(members) and 2 * len(members) > len(stack.members):
-            index = {uid: row for row, uid in enumerate(stack.members)}
-            if all(uid in index for uid in members):
-                return stack, torch.tensor([index[uid] for uid in members])
-        fresh = {j: n for n, j in enumerate(j for j, c in enumerate(caches) if "stack" not in c)}  # first steps
+        return stack, CrossRows.of([stack.index[u] for u in members])
+
+    def _build_stack(self, meta: AttentionMetadata, caches: list[dict], dtype: torch.dtype) -> "CrossKVStack":
+        """A stack over caches (one per request): K/V computed for requests at their first step, rows
+        of their current stack for the others."""
+        states_of = {c["uid"]: state for c, state in zip(meta.cross_caches, meta.encoder_states)}
+        fresh = {j: n for n, j in enumerate(j for j, c in enumerate(caches) if "stack" not in c)}
         if fresh:
-            states = torch.stack([meta.encoder_states[j] for j in fresh]).to(dtype)
+            states = torch.stack([states_of[caches[j]["uid"]] for j in fresh]).to(dtype)
             computed = [layer.encoder_attn.keys_values(states) for layer in self.decoder.layers]
         if len(fresh) == len(caches):
             layers = computed
@@ -248,10 +281,10 @@ class WhisperForConditionalGeneration(nn.Module):
                     yield (computed[i][0][fresh[j]], computed[i][1][fresh[j]]) if j in fresh else \
                         cache["stack"].row(cache["uid"], i)
             layers = [tuple(map(torch.stack, zip(*rows_of_layer(i)))) for i in range(len(self.decoder.layers))]
-        stack = CrossKVStack(members, layers)
+        stack = CrossKVStack(tuple(c["uid"] for c in caches), layers)
         for cache in caches:
             cache["stack"] = stack
-        return stack, None
+        return stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj_out(hidden).float()

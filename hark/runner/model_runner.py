@@ -41,6 +41,14 @@ class ModelRunner:
         per_block = 2 * model.num_kv_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
         return max(1, memory_bytes // per_block)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """KV copy-on-write for forked beams: block dst gets block src's keys and values, in every layer."""
+        if pairs:
+            src = torch.tensor([a for a, _ in pairs], device=self.device)
+            dst = torch.tensor([b for _, b in pairs], device=self.device)
+            self.k_cache[:, dst] = self.k_cache[:, src]
+            self.v_cache[:, dst] = self.v_cache[:, src]
+
     # --- audio encoder ------------------------------------------------------------------------
     def encode_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
         """Encoder outputs for items, from the cache or one batched encoder call for the misses."""

@@ -4,6 +4,9 @@ Order per row: logits processors, allowed tokens, min_tokens and the grammar mas
 output (constraints) -> logprobs are taken
 here -> penalties -> greedy argmax, or temperature, top-k, top-p, min-p and a draw from the row's
 own torch.Generator (so a seeded request samples the same tokens in any batch).
+
+Beam search rows take `beam_candidates` instead: the best tokens of each row by log-probability, after
+the constraints, the penalties and the temperature (when > 0).
 """
 from dataclasses import dataclass
 
@@ -104,6 +107,20 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
     tops = [_top_logprobs(logprobs[row], tokens[row], seq.params.logprobs)
             if seq.params.logprobs is not None else None for row, seq in enumerate(seqs)]
     return SampleResult(tokens, chosen, tops)
+
+
+@torch.inference_mode()
+def beam_candidates(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
+                    k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """Per row, the k most likely next tokens and their log-probabilities (best first)."""
+    logits = logits.float()
+    _apply_constraints(logits, seqs, eos_ids)
+    _apply_penalties(logits, seqs)
+    temperatures = [s.params.temperature if s.params.temperature > 1e-5 else 1.0 for s in seqs]
+    if any(t != 1.0 for t in temperatures):
+        logits /= torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(1)
+    values, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[1]), dim=-1)
+    return values.tolist(), ids.tolist()
 
 
 @torch.inference_mode()

@@ -43,6 +43,7 @@ class TranscriptionForm:
     temperature: float | None = None
     stream: bool = False
     logprobs: bool = False          # include[]=logprobs
+    beam: dict = field(default_factory=dict)   # use_beam_search=true: beam_size, length_penalty (at temperature 0)
 
 
 def _field(form, name: str) -> str | None:
@@ -84,6 +85,7 @@ async def read_form(request: Request) -> TranscriptionForm:
         if stream == "true" and response_format not in ("json", "text"):
             raise APIError(400, "stream=true gives transcript events; use response_format json or text",
                            param="stream")
+        beam = _beam_fields(form)
         include = form.getlist("include[]") or form.getlist("include")
         if any(i != "logprobs" for i in include):
             raise APIError(400, "include[] takes logprobs", param="include[]")
@@ -92,7 +94,32 @@ async def read_form(request: Request) -> TranscriptionForm:
         return TranscriptionForm(audio=data, model=_field(form, "model"), language=_field(form, "language"),
                                  prompt=_field(form, "prompt"), response_format=response_format,
                                  granularities=list(granularities), temperature=temperature,
-                                 stream=stream == "true", logprobs=bool(include))
+                                 stream=stream == "true", logprobs=bool(include), beam=beam)
+
+
+def _beam_fields(form) -> dict:
+    """use_beam_search (as vLLM has it), with beam_width (default 5, faster-whisper's) and length_penalty."""
+    use = (_field(form, "use_beam_search") or "false").lower()
+    if use not in ("true", "false"):
+        raise APIError(400, f"use_beam_search must be true or false, got {use!r}", param="use_beam_search")
+    given = [name for name in ("beam_width", "length_penalty") if _field(form, name) is not None]
+    if use == "false":
+        if given:
+            raise APIError(400, f"{given[0]} needs use_beam_search=true", param=given[0])
+        return {}
+    beam = {"beam_size": 5}
+    for name, key, kind in (("beam_width", "beam_size", int), ("length_penalty", "length_penalty", float)):
+        value = _field(form, name)
+        if value is None:
+            continue
+        try:
+            beam[key] = kind(value)
+        except ValueError:
+            raise APIError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
+                           param=name) from None
+    if not 1 <= beam["beam_size"] <= 16:
+        raise APIError(400, "beam_width must be in [1, 16]", param="beam_width")
+    return beam
 
 
 def usage(t: Transcription) -> dict:
@@ -108,7 +135,7 @@ async def transcribe(served: ServedModel, form: TranscriptionForm, task: str, re
         temperature = {"temperature": form.temperature or 0.0, "timestamps": False, "best_of": 1}
     words = "word" in form.granularities
     opts = TranscriptionOptions(language=form.language, task=task, word_timestamps=words,
-                                initial_prompt=form.prompt, logprobs=form.logprobs, **temperature)
+                                initial_prompt=form.prompt, logprobs=form.logprobs, **temperature, **form.beam)
 
     with served.admit() as ticket:
         run = await asyncio.to_thread(TranscriptionRun, served.engine.engine, [form.audio], opts, limits)

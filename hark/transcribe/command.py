@@ -57,6 +57,12 @@ def add_transcribe_parser(subparsers) -> None:
     g.add_argument("--temperature", type=temperatures, default=None, metavar="T[,T...]",
                    help="temperature, or a fallback schedule such as 0,0.2,0.4 (default: 0,0.2,0.4,0.6,0.8,1)")
     g.add_argument("--best-of", type=positive_int, default=5, help="samples per window at a temperature > 0 (default: 5)")
+    g.add_argument("--beam-size", type=positive_int, default=1,
+                   help="beams per window at temperature 0 (default: 1, greedy; faster-whisper's default is 5)")
+    g.add_argument("--patience", type=float, default=1.0,
+                   help="beam search stops after beam_size x patience finished hypotheses (default: 1)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam hypotheses ranked by sum logprob / length ** length_penalty (default: 1)")
     g.add_argument("--initial-prompt", default=None, help="text to condition the decoder on (names, spelling)")
     g.add_argument("--prefix", default=None, help="text the transcript of each FILE starts with")
     g.add_argument("--hotwords", default=None, help="words to expect (names, terms); ignored with --prefix")
@@ -133,7 +139,8 @@ def _options(args) -> dict:
     """The transcription options, checked now (before any model loads)."""
     options = {"language": args.language, "task": args.task, "timestamps": not args.no_timestamps,
                "word_timestamps": args.word_timestamps, "initial_prompt": args.initial_prompt,
-               "best_of": args.best_of, "split": args.split, "prefix": args.prefix, "hotwords": args.hotwords,
+               "best_of": args.best_of, "beam_size": args.beam_size, "patience": args.patience,
+               "length_penalty": args.length_penalty, "split": args.split, "prefix": args.prefix, "hotwords": args.hotwords,
                "max_new_tokens": args.max_new_tokens, "clip_timestamps": args.clip_timestamps,
                "compression_ratio_threshold": args.compression_ratio_threshold,
                "logprob_threshold": args.log_prob_threshold, "no_speech_threshold": args.no_speech_threshold}

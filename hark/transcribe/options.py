@@ -1,4 +1,5 @@
 """The knobs of a transcription, checked once."""
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ class TranscriptionOptions:
     word_timestamps: bool = False
     temperature: float | Sequence[float] = DEFAULT_TEMPERATURES   # fallback schedule
     best_of: int = 5                        # samples per window at a temperature > 0; the likeliest wins
+    beam_size: int = 1                      # beams per window at temperature 0 (1: greedy; faster-whisper uses 5)
+    patience: float = 1.0                   # beam search ends once beam_size × patience hypotheses finished
+    length_penalty: float = 1.0             # hypotheses ranked by sum logprob / length ** length_penalty
     initial_prompt: str | None = None
     prefix: str | None = None               # text the first window's transcript starts with (not repeated in it)
     hotwords: str | None = None             # words to expect (names, terms), given as earlier text; not with prefix
@@ -45,6 +49,13 @@ class TranscriptionOptions:
             raise InvalidTranscriptionRequest(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not isinstance(self.best_of, int) or self.best_of < 1:
             raise InvalidTranscriptionRequest(f"best_of must be an integer ≥ 1, got {self.best_of!r}")
+        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= 64:
+            raise InvalidTranscriptionRequest(f"beam_size must be an integer in [1, 64], got {self.beam_size!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, (int, float)) or not 0 < self.patience <= 16:
+            raise InvalidTranscriptionRequest(f"patience must be a number in (0, 16], got {self.patience!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) \
+                or not math.isfinite(self.length_penalty):
+            raise InvalidTranscriptionRequest(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise InvalidTranscriptionRequest(f"max_new_tokens must be an integer ≥ 1, got {self.max_new_tokens!r}")
         if self.clip_timestamps is not None:

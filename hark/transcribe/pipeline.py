@@ -3,7 +3,8 @@
 1. Load each input and cut it into windows of at most 30 s, at quiet points or around speech.
 2. Run the decoder once over <|startoftranscript|> for every window when the model is multilingual
    (language) or the decode prompt does not end there (no-speech probability).
-3. Decode every window as an engine request, with Whisper's timestamp rules as a logits processor. A
+3. Decode every window as an engine request, with Whisper's timestamp rules as a logits processor (per
+   beam with beam_size > 1 at temperature 0: openai-whisper's beam search with patience). A
    decode that fails the quality gates goes back at the next temperature; one that stopped early leaves
    the rest of its window as a new, shorter window (a tail), decoded at once.
 4. Cut each final window's tokens into segments and shift them by the window's real offset in its input.
@@ -186,7 +187,8 @@ class TranscriptionRun:
         opts, retries, tails = self.opts, [], []
         for request, completions in done:
             w = request.window
-            completion = max(completions, key=_likelihood)
+            # beam search ranked its hypotheses already (sum logprob / length ** length_penalty)
+            completion = completions[0] if request.params.uses_beam_search else max(completions, key=_likelihood)
             # The engine's log-probabilities are of the processed logits without the temperature:
             # openai-whisper's sum_logprob.
             w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
@@ -282,10 +284,12 @@ class TranscriptionRun:
         max_context = self.engine.loaded.hf_config.max_target_positions
         prompt_len = len(w.processed.prompt_token_ids)
         temperature = opts.temperature[attempt]
+        beams = opts.beam_size if temperature == 0 else 1      # temperature > 0 samples best_of instead
         params = SamplingParams(
             n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len, opts.max_new_tokens or max_context)),
             seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors,
-            logprobs=0 if opts.logprobs else None)
+            logprobs=0 if opts.logprobs else None, beam_width=beams, patience=opts.patience if beams > 1 else None,
+            length_penalty=opts.length_penalty)
         return WindowRequest(w, attempt, params, probe)
 
     def _segments(self, w: Window) -> list[Segment]:
