@@ -40,8 +40,8 @@ class Detokenizer:
         if seq.read_offset >= len(seq.token_ids):
             return
         skip = seq.params.skip_special_tokens
-        prefix_text = self._decode(seq.token_ids[seq.prefix_offset: seq.read_offset], skip)
-        full_text = self._decode(seq.token_ids[seq.prefix_offset:], skip)
+        prefix_text = self.decode(seq.token_ids[seq.prefix_offset: seq.read_offset], skip)
+        full_text = self.decode(seq.token_ids[seq.prefix_offset:], skip)
         seq.text += full_text[len(prefix_text):]
         seq.read_offset = len(seq.token_ids)
 
