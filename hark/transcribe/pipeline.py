@@ -27,7 +27,7 @@ from hark.outputs import CompletionOutput
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
 from hark.transcribe.levels import peak_level, with_input_floor
-from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
+from hark.transcribe.fallback import DoomedDecodeGuard, WindowDecode, is_silence, needs_fallback
 from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
 from hark.transcribe.result import Segment, Transcription
@@ -74,6 +74,7 @@ class WindowRequest:
     attempt: int                        # index into the temperature schedule
     params: SamplingParams
     probe: NoSpeechProbe | None         # reads P(no speech) off the decode's first step, when it can
+    guard: DoomedDecodeGuard | None     # ends its samples early once they cannot pass the gates
 
     @property
     def processed(self) -> ProcessedPrompt:
@@ -182,32 +183,49 @@ class TranscriptionRun:
     def finish(self, done: list[tuple[WindowRequest, list[CompletionOutput]]]) -> list[WindowRequest]:
         """Takes finished decodes (each with its samples); returns the decodes they lead to: a window
         that failed the quality gates again at the next temperature, and the tail of a window whose
-        decode stopped early."""
-        opts, retries, tails = self.opts, [], []
+        decode stopped early. A decode the guard ended early comes back as soon as it is doomed, so its
+        window's next temperature starts at once."""
+        retries, tails = [], []
         for request, completions in done:
             w = request.window
-            completion = max(completions, key=_likelihood)
-            # The engine's log-probabilities are of the processed logits without the temperature:
-            # openai-whisper's sum_logprob.
-            w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
-                                      completion.cumulative_logprob,
-                                      request.probe.prob if request.probe else w.no_speech_prob)
-            if completion.logprobs is not None:
-                w.token_logprobs = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
-            if request.attempt + 1 < len(opts.temperature) and needs_fallback(w.decode, opts):
+            if self._passes(w, request, completions):
+                tails += self._finalize(w)
+            else:
                 retries.append(self._decode(w, request.attempt + 1))
-                continue
-            w.tail = _split_off_tail(w, self.vocab, opts)
-            if w.tail is not None:
-                timeline = self.timelines[w.source]
-                timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
-                w.tail.processed = with_input_floor(w.tail.processed, self.peaks[w.source])
-                tails.append(w.tail)
-            w.segments = self._segments(w)
-            w.final = True
-            self.tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
         self._probe(tails)
         return retries + self._first_decodes(tails)
+
+    def _passes(self, w: Window, request: WindowRequest, completions: list[CompletionOutput]) -> bool:
+        """Sets the window's decode from the likeliest sample; whether it passes the gates (the last
+        temperature always does)."""
+        opts = self.opts
+        completion = max(completions, key=_likelihood)
+        # The engine's log-probabilities are of the processed logits without the temperature:
+        # openai-whisper's sum_logprob.
+        w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
+                                  completion.cumulative_logprob,
+                                  request.probe.prob if request.probe else w.no_speech_prob)
+        w.token_logprobs = None if completion.logprobs is None else [
+            lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
+        if request.attempt + 1 == len(opts.temperature):
+            return True
+        # A sample the guard ended (it loops, or its text compresses too well) fails, unless the window
+        # is silence.
+        if request.guard is not None and request.guard.doomed(completion.token_ids) and not is_silence(w.decode, opts):
+            return False
+        return not needs_fallback(w.decode, opts)
+
+    def _finalize(self, w: Window) -> list[Window]:
+        """Segments from the window's decode; returns its tail, if it has one, as a new window."""
+        w.tail = _split_off_tail(w, self.vocab, self.opts)
+        if w.tail is not None:
+            timeline = self.timelines[w.source]
+            timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
+            w.tail.processed = with_input_floor(w.tail.processed, self.peaks[w.source])
+        w.segments = self._segments(w)
+        w.final = True
+        self.tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
+        return [w.tail] if w.tail is not None else []
 
     @property
     def finished(self) -> bool:
@@ -279,6 +297,10 @@ class TranscriptionRun:
         processors = ([probe] if probe else []) + [self.suppress]
         if opts.timestamps:
             processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence, w.prefix))
+        guard = None
+        if attempt + 1 < len(opts.temperature) and opts.compression_ratio_threshold is not None:
+            guard = DoomedDecodeGuard(vocab, opts.compression_ratio_threshold)    # the last decode runs to its end
+            processors.append(guard)
         max_context = self.engine.loaded.hf_config.max_target_positions
         prompt_len = len(w.processed.prompt_token_ids)
         temperature = opts.temperature[attempt]
@@ -286,7 +308,7 @@ class TranscriptionRun:
             n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len, opts.max_new_tokens or max_context)),
             seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors,
             logprobs=0 if opts.logprobs else None)
-        return WindowRequest(w, attempt, params, probe)
+        return WindowRequest(w, attempt, params, probe, guard)
 
     def _segments(self, w: Window) -> list[Segment]:
         d = w.decode
