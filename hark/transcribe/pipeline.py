@@ -31,7 +31,7 @@ from hark.transcribe.fallback import DoomedDecodeGuard, WindowDecode, is_silence
 from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
 from hark.transcribe.result import Segment, Transcription
-from hark.transcribe.rules import SuppressTokens, TimestampRules
+from hark.transcribe.rules import NoRepeatNGram, SuppressTokens, TimestampRules
 from hark.transcribe.segments import compression_ratio, split_segments
 from hark.transcribe.vocab import TIME_PRECISION, WhisperVocab
 from hark.transcribe.words import attach_words, trim_silence
@@ -160,7 +160,11 @@ class TranscriptionRun:
         for w in self.windows:
             w.processed = with_input_floor(w.processed, self.peaks[w.source])
         self.languages = [self.language_code or "en"] * len(self.inputs)
-        self.prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt, None if opts.prefix else opts.hotwords)
+        self.hotwords = None if opts.prefix else opts.hotwords
+        # Per input, the earlier text its next window is conditioned on: the initial prompt, then (with
+        # condition_on_previous_text) each final window's tokens, reset after a window decoded hot.
+        initial = vocab.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt and opts.initial_prompt.strip() else []
+        self.previous_text = [list(initial) for _ in self.inputs]
         self.prefix_tokens = vocab.encode(" " + opts.prefix.strip())[:MAX_PREFIX_TOKENS] if opts.prefix else []
         # When the decode prompt ends with <|startoftranscript|>, the decode's first step sees P(no speech).
         self.ends_at_sot = not vocab.is_multilingual and opts.timestamps and not self.prefix_tokens
@@ -178,6 +182,8 @@ class TranscriptionRun:
             for w, lang in zip(self.windows, detected):
                 first.setdefault(w.source, lang)
             self.languages = [first.get(i, "en") for i in range(len(self.inputs))]
+        if self.opts.condition_on_previous_text:     # each input's windows one after another
+            return self._first_decodes([timeline[0] for timeline in self.timelines if timeline])
         return self._first_decodes(self.windows)
 
     def finish(self, done: list[tuple[WindowRequest, list[CompletionOutput]]]) -> list[WindowRequest]:
@@ -185,15 +191,28 @@ class TranscriptionRun:
         that failed the quality gates again at the next temperature, and the tail of a window whose
         decode stopped early. A decode the guard ended early comes back as soon as it is doomed, so its
         window's next temperature starts at once."""
-        retries, tails = [], []
+        retries, tails, following = [], [], []
         for request, completions in done:
             w = request.window
-            if self._passes(w, request, completions):
-                tails += self._finalize(w)
-            else:
+            if not self._passes(w, request, completions):
                 retries.append(self._decode(w, request.attempt + 1))
+                continue
+            tails += self._finalize(w)
+            if self.opts.condition_on_previous_text:
+                following += self._condition_next(w)
         self._probe(tails)
-        return retries + self._first_decodes(tails)
+        return retries + self._first_decodes(tails + [w for w in following if w not in tails])
+
+    def _condition_next(self, w: Window) -> list[Window]:
+        """condition_on_previous_text: adds the final window's tokens to its input's earlier text (or resets
+        that after a hot decode, as openai-whisper does) and gives the window that follows it, if any."""
+        previous = self.previous_text[w.source]
+        previous += [t for s in w.segments for t in s.tokens]
+        if w.decode.temperature > self.opts.prompt_reset_on_temperature:
+            previous.clear()
+        timeline = self.timelines[w.source]
+        i = timeline.index(w) + 1
+        return timeline[i:i + 1]
 
     def _passes(self, w: Window, request: WindowRequest, completions: list[CompletionOutput]) -> bool:
         """Sets the window's decode from the likeliest sample; whether it passes the gates (the last
@@ -281,7 +300,8 @@ class TranscriptionRun:
 
     def _first_decodes(self, windows: list[Window]) -> list[WindowRequest]:
         for w in windows:
-            tokens = self.prompt_prefix + self.vocab.sot_sequence(self.languages[w.source], self.opts.task)
+            tokens = _previous_text_tokens(self.vocab, self.previous_text[w.source], self.hotwords)
+            tokens += self.vocab.sot_sequence(self.languages[w.source], self.opts.task)
             if not self.opts.timestamps:
                 tokens.append(self.vocab.no_timestamps)
             if self.prefix_tokens and w is self.timelines[w.source][0]:   # the input's first window
@@ -295,6 +315,8 @@ class TranscriptionRun:
         opts, vocab = self.opts, self.vocab
         probe = NoSpeechProbe(vocab.no_speech) if self.ends_at_sot else None
         processors = ([probe] if probe else []) + [self.suppress]
+        if opts.no_repeat_ngram_size:
+            processors.append(NoRepeatNGram(opts.no_repeat_ngram_size, w.prefix))
         if opts.timestamps:
             processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence, w.prefix))
         guard = None
@@ -307,7 +329,7 @@ class TranscriptionRun:
         params = SamplingParams(
             n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len, opts.max_new_tokens or max_context)),
             seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors,
-            logprobs=0 if opts.logprobs else None)
+            logprobs=0 if opts.logprobs else None, repetition_penalty=opts.repetition_penalty)
         return WindowRequest(w, attempt, params, probe, guard)
 
     def _segments(self, w: Window) -> list[Segment]:
@@ -349,11 +371,11 @@ def _engine_prompt(w: Window, decoder_tokens: list[int]) -> dict:
             "decoder_prompt": decoder_tokens}
 
 
-def _previous_text_tokens(vocab: WhisperVocab, initial_prompt: str | None, hotwords: str | None = None) -> list[int]:
-    """<|startofprev|>, then hotwords and the prompt's last tokens: earlier text the decode is conditioned
-    on (faster-whisper's order)."""
+def _previous_text_tokens(vocab: WhisperVocab, previous: list[int], hotwords: str | None = None) -> list[int]:
+    """<|startofprev|>, then hotwords and the last tokens of the earlier text (initial prompt, previous
+    windows): what the decode is conditioned on (faster-whisper's order)."""
     words = vocab.encode(" " + hotwords.strip())[:MAX_PREFIX_TOKENS] if hotwords and hotwords.strip() else []
-    text = vocab.encode(" " + initial_prompt.strip())[-(224 - 1):] if initial_prompt and initial_prompt.strip() else []
+    text = previous[-(224 - 1):]
     return [vocab.sot_prev] + words + text if words or text else []
 
 
