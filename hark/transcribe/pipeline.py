@@ -4,8 +4,10 @@
 2. Run the decoder once over <|startoftranscript|> for every window when the model is multilingual
    (language) or the decode prompt does not end there (no-speech probability).
 3. Decode every window as an engine request, with Whisper's timestamp rules as a logits processor. A
-   decode that fails the quality gates goes back at the next temperature; one that stopped early leaves
-   the rest of its window as a new, shorter window (a tail), decoded at once.
+   decode that fails the quality gates goes back at the next temperature (one that loops is ended as
+   soon as it does, fallback.DoomedDecodeGuard); one that stopped early leaves the rest of its window as
+   a new, shorter window (a tail), decoded at once. With condition_on_previous_text an input's windows
+   decode one after another, each prompted with the text before it.
 4. Cut each final window's tokens into segments and shift them by the window's real offset in its input.
 5. Optionally time words from the alignment heads' cross-attention (batched dense decoder runs).
 
