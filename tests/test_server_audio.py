@@ -197,6 +197,22 @@ def test_translation_needs_a_multilingual_model(client, whisper_server):
         assert client.audio.transcriptions.create(model="whisper-1", file=("b.wav", f.read())).text
 
 
+def test_repetition_penalty_field(client):
+    """vLLM's repetition_penalty on transcriptions: passed to the decodes; a bad value is a 400."""
+    clip, rate = sf.read(WAVS[4], dtype="float32")
+    buf = io.BytesIO()
+    sf.write(buf, np.concatenate([clip, clip]), rate, format="WAV")    # the sentence twice: its tokens repeat
+    audio = buf.getvalue()
+    plain = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+    penalized = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio),
+                                                   extra_body={"repetition_penalty": 3.0})
+    assert plain.text and penalized.text != plain.text
+    for bad in ("0", "-1", "x", "inf"):
+        with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+            client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio),
+                                               extra_body={"repetition_penalty": bad})
+
+
 @pytest.fixture(scope="module")
 def audio_chat_server(tmp_path_factory):
     from test_qwen2_audio import make_tiny_qwen2_audio

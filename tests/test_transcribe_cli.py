@@ -41,6 +41,21 @@ def test_faster_whisper_option_names():
     assert (args.split, args.no_timestamps, args.log_prob_threshold, args.format) == ("speech", True, -0.5, "tsv")
 
 
+def test_decode_option_flags():
+    from hark.transcribe.command import _options
+    args = build_parser().parse_args(["transcribe", "--repetition-penalty", "1.2", "--no-repeat-ngram-size", "3",
+                                      "--condition-on-previous-text", "--prompt-reset-on-temperature", "0.3", "x.wav"])
+    options = _options(args)
+    assert (options["repetition_penalty"], options["no_repeat_ngram_size"], options["condition_on_previous_text"],
+            options["prompt_reset_on_temperature"]) == (1.2, 3, True, 0.3)
+    defaults = _options(build_parser().parse_args(["transcribe", "x.wav"]))
+    assert (defaults["repetition_penalty"], defaults["no_repeat_ngram_size"], defaults["condition_on_previous_text"]) == (
+        1.0, 0, False)
+    with pytest.raises(SystemExit) as exit:       # before any model loads
+        main(["transcribe", "--no-repeat-ngram-size", "-1", "x.wav"])
+    assert exit.value.code == 2
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

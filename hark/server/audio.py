@@ -44,6 +44,7 @@ class TranscriptionForm:
     stream: bool = False
     logprobs: bool = False          # include[]=logprobs
     beam: dict = field(default_factory=dict)   # use_beam_search=true: beam_size, length_penalty (at temperature 0)
+    repetition_penalty: float = 1.0     # vLLM's sampling field
 
 
 def _field(form, name: str) -> str | None:
@@ -86,6 +87,13 @@ async def read_form(request: Request) -> TranscriptionForm:
             raise APIError(400, "stream=true gives transcript events; use response_format json or text",
                            param="stream")
         beam = _beam_fields(form)
+        penalty = _field(form, "repetition_penalty")
+        try:
+            penalty = 1.0 if penalty is None else float(penalty)
+        except ValueError:
+            penalty = math.nan
+        if not penalty > 0 or math.isinf(penalty):
+            raise APIError(400, "repetition_penalty must be a number > 0", param="repetition_penalty")
         include = form.getlist("include[]") or form.getlist("include")
         if any(i != "logprobs" for i in include):
             raise APIError(400, "include[] takes logprobs", param="include[]")
@@ -94,7 +102,8 @@ async def read_form(request: Request) -> TranscriptionForm:
         return TranscriptionForm(audio=data, model=_field(form, "model"), language=_field(form, "language"),
                                  prompt=_field(form, "prompt"), response_format=response_format,
                                  granularities=list(granularities), temperature=temperature,
-                                 stream=stream == "true", logprobs=bool(include), beam=beam)
+                                 stream=stream == "true", logprobs=bool(include), beam=beam,
+                                 repetition_penalty=penalty)
 
 
 def _beam_fields(form) -> dict:
@@ -135,7 +144,8 @@ async def transcribe(served: ServedModel, form: TranscriptionForm, task: str, re
         temperature = {"temperature": form.temperature or 0.0, "timestamps": False, "best_of": 1}
     words = "word" in form.granularities
     opts = TranscriptionOptions(language=form.language, task=task, word_timestamps=words,
-                                initial_prompt=form.prompt, logprobs=form.logprobs, **temperature, **form.beam)
+                                initial_prompt=form.prompt, logprobs=form.logprobs,
+                                repetition_penalty=form.repetition_penalty, **temperature, **form.beam)
 
     with served.admit() as ticket:
         run = await asyncio.to_thread(TranscriptionRun, served.engine.engine, [form.audio], opts, limits)

@@ -72,6 +72,14 @@ def add_transcribe_parser(subparsers) -> None:
     g.add_argument("--compression-ratio-threshold", type=float, default=2.4)
     g.add_argument("--log-prob-threshold", type=float, default=-1.0)
     g.add_argument("--no-speech-threshold", type=float, default=0.6)
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 penalizes tokens already in the window's decoder sequence (default: 1, off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="no n-gram of this many tokens twice in a window's output (default: 0, off)")
+    g.add_argument("--condition-on-previous-text", action="store_true",
+                   help="prompt each window with the previous window's text (windows of a file decode in turn)")
+    g.add_argument("--prompt-reset-on-temperature", type=float, default=0.5,
+                   help="with --condition-on-previous-text: no prompt after a window decoded hotter than this")
     g.add_argument("--split", choices=("quiet", "speech"), default="quiet",
                    help="cut long audio at quiet points or around speech regions (VAD)")
     g.add_argument("--vad-filter", dest="split", action="store_const", const="speech",
@@ -143,7 +151,10 @@ def _options(args) -> dict:
                "length_penalty": args.length_penalty, "split": args.split, "prefix": args.prefix, "hotwords": args.hotwords,
                "max_new_tokens": args.max_new_tokens, "clip_timestamps": args.clip_timestamps,
                "compression_ratio_threshold": args.compression_ratio_threshold,
-               "logprob_threshold": args.log_prob_threshold, "no_speech_threshold": args.no_speech_threshold}
+               "logprob_threshold": args.log_prob_threshold, "no_speech_threshold": args.no_speech_threshold,
+               "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+               "condition_on_previous_text": args.condition_on_previous_text,
+               "prompt_reset_on_temperature": args.prompt_reset_on_temperature}
     if args.temperature is not None:
         options["temperature"] = args.temperature
     TranscriptionOptions(**options)

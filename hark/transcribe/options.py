@@ -36,6 +36,10 @@ class TranscriptionOptions:
     split: str = "quiet"                    # long audio: cut at quiet points, or "speech" regions (VAD)
     seed: int | None = 0                    # for temperatures > 0
     logprobs: bool = False                  # keep each decoded token's log-probability (Window.token_logprobs)
+    repetition_penalty: float = 1.0         # > 1 penalizes tokens already in the decoder's sequence (transformers')
+    no_repeat_ngram_size: int = 0           # > 0: no n-gram of this many tokens appears twice in a window's output
+    condition_on_previous_text: bool = False    # the previous window's text is the next one's prompt (sequential)
+    prompt_reset_on_temperature: float = 0.5    # ... not after a window decoded hotter than this
 
     def __post_init__(self):
         temps = (self.temperature,) if isinstance(self.temperature, (int, float)) else tuple(self.temperature)
@@ -60,6 +64,11 @@ class TranscriptionOptions:
             raise InvalidTranscriptionRequest(f"max_new_tokens must be an integer ≥ 1, got {self.max_new_tokens!r}")
         if self.clip_timestamps is not None:
             self.clip_timestamps = clip_spans(self.clip_timestamps)
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise InvalidTranscriptionRequest(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise InvalidTranscriptionRequest(
+                f"no_repeat_ngram_size must be an integer ≥ 0, got {self.no_repeat_ngram_size!r}")
         if self.max_initial_timestamp < 0:
             raise InvalidTranscriptionRequest(f"max_initial_timestamp must be ≥ 0, got {self.max_initial_timestamp}")
 

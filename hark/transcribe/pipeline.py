@@ -5,8 +5,10 @@
    (language) or the decode prompt does not end there (no-speech probability).
 3. Decode every window as an engine request, with Whisper's timestamp rules as a logits processor (per
    beam with beam_size > 1 at temperature 0: openai-whisper's beam search with patience). A
-   decode that fails the quality gates goes back at the next temperature; one that stopped early leaves
-   the rest of its window as a new, shorter window (a tail), decoded at once.
+   decode that fails the quality gates goes back at the next temperature (one that loops is ended as
+   soon as it does, fallback.DoomedDecodeGuard); one that stopped early leaves the rest of its window as
+   a new, shorter window (a tail), decoded at once. With condition_on_previous_text an input's windows
+   decode one after another, each prompted with the text before it.
 4. Cut each final window's tokens into segments and shift them by the window's real offset in its input.
 5. Optionally time words from the alignment heads' cross-attention (batched dense decoder runs).
 
@@ -28,11 +30,11 @@ from hark.outputs import CompletionOutput
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
 from hark.transcribe.levels import peak_level, with_input_floor
-from hark.transcribe.fallback import WindowDecode, is_silence, needs_fallback
+from hark.transcribe.fallback import DoomedDecodeGuard, WindowDecode, is_silence, needs_fallback
 from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
 from hark.transcribe.result import Segment, Transcription
-from hark.transcribe.rules import SuppressTokens, TimestampRules
+from hark.transcribe.rules import NoRepeatNGram, SuppressTokens, TimestampRules
 from hark.transcribe.segments import compression_ratio, split_segments
 from hark.transcribe.vocab import TIME_PRECISION, WhisperVocab
 from hark.transcribe.words import attach_words, trim_silence
@@ -75,6 +77,7 @@ class WindowRequest:
     attempt: int                        # index into the temperature schedule
     params: SamplingParams
     probe: NoSpeechProbe | None         # reads P(no speech) off the decode's first step, when it can
+    guard: DoomedDecodeGuard | None     # ends its samples early once they cannot pass the gates
 
     @property
     def processed(self) -> ProcessedPrompt:
@@ -160,7 +163,11 @@ class TranscriptionRun:
         for w in self.windows:
             w.processed = with_input_floor(w.processed, self.peaks[w.source])
         self.languages = [self.language_code or "en"] * len(self.inputs)
-        self.prompt_prefix = _previous_text_tokens(vocab, opts.initial_prompt, None if opts.prefix else opts.hotwords)
+        self.hotwords = None if opts.prefix else opts.hotwords
+        # Per input, the earlier text its next window is conditioned on: the initial prompt, then (with
+        # condition_on_previous_text) each final window's tokens, reset after a window decoded hot.
+        initial = vocab.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt and opts.initial_prompt.strip() else []
+        self.previous_text = [list(initial) for _ in self.inputs]
         self.prefix_tokens = vocab.encode(" " + opts.prefix.strip())[:MAX_PREFIX_TOKENS] if opts.prefix else []
         # When the decode prompt ends with <|startoftranscript|>, the decode's first step sees P(no speech).
         self.ends_at_sot = not vocab.is_multilingual and opts.timestamps and not self.prefix_tokens
@@ -178,38 +185,70 @@ class TranscriptionRun:
             for w, lang in zip(self.windows, detected):
                 first.setdefault(w.source, lang)
             self.languages = [first.get(i, "en") for i in range(len(self.inputs))]
+        if self.opts.condition_on_previous_text:     # each input's windows one after another
+            return self._first_decodes([timeline[0] for timeline in self.timelines if timeline])
         return self._first_decodes(self.windows)
 
     def finish(self, done: list[tuple[WindowRequest, list[CompletionOutput]]]) -> list[WindowRequest]:
         """Takes finished decodes (each with its samples); returns the decodes they lead to: a window
         that failed the quality gates again at the next temperature, and the tail of a window whose
-        decode stopped early."""
-        opts, retries, tails = self.opts, [], []
+        decode stopped early. A decode the guard ended early comes back as soon as it is doomed, so its
+        window's next temperature starts at once."""
+        retries, tails, following = [], [], []
         for request, completions in done:
             w = request.window
-            # beam search ranked its hypotheses already (sum logprob / length ** length_penalty)
-            completion = completions[0] if request.params.uses_beam_search else max(completions, key=_likelihood)
-            # The engine's log-probabilities are of the processed logits without the temperature:
-            # openai-whisper's sum_logprob.
-            w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
-                                      completion.cumulative_logprob,
-                                      request.probe.prob if request.probe else w.no_speech_prob)
-            if completion.logprobs is not None:
-                w.token_logprobs = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
-            if request.attempt + 1 < len(opts.temperature) and needs_fallback(w.decode, opts):
+            if not self._passes(w, request, completions):
                 retries.append(self._decode(w, request.attempt + 1))
                 continue
-            w.tail = _split_off_tail(w, self.vocab, opts)
-            if w.tail is not None:
-                timeline = self.timelines[w.source]
-                timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
-                w.tail.processed = with_input_floor(w.tail.processed, self.peaks[w.source])
-                tails.append(w.tail)
-            w.segments = self._segments(w)
-            w.final = True
-            self.tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
+            tails += self._finalize(w)
+            if self.opts.condition_on_previous_text:
+                following += self._condition_next(w)
         self._probe(tails)
-        return retries + self._first_decodes(tails)
+        return retries + self._first_decodes(tails + [w for w in following if w not in tails])
+
+    def _condition_next(self, w: Window) -> list[Window]:
+        """condition_on_previous_text: adds the final window's tokens to its input's earlier text (or resets
+        that after a hot decode, as openai-whisper does) and gives the window that follows it, if any."""
+        previous = self.previous_text[w.source]
+        previous += [t for s in w.segments for t in s.tokens]
+        if w.decode.temperature > self.opts.prompt_reset_on_temperature:
+            previous.clear()
+        timeline = self.timelines[w.source]
+        i = timeline.index(w) + 1
+        return timeline[i:i + 1]
+
+    def _passes(self, w: Window, request: WindowRequest, completions: list[CompletionOutput]) -> bool:
+        """Sets the window's decode from the best beam or the likeliest sample; whether it passes the gates
+        (the last temperature always does)."""
+        opts = self.opts
+        # beam search ranked its hypotheses already (sum logprob / length ** length_penalty)
+        completion = completions[0] if request.params.uses_beam_search else max(completions, key=_likelihood)
+        # The engine's log-probabilities are of the processed logits without the temperature:
+        # openai-whisper's sum_logprob.
+        w.decode = _window_decode(self.vocab, completion.token_ids, opts.temperature[request.attempt],
+                                  completion.cumulative_logprob,
+                                  request.probe.prob if request.probe else w.no_speech_prob)
+        w.token_logprobs = None if completion.logprobs is None else [
+            lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
+        if request.attempt + 1 == len(opts.temperature):
+            return True
+        # A sample the guard ended (it loops, or its text compresses too well) fails, unless the window
+        # is silence.
+        if request.guard is not None and request.guard.doomed(completion.token_ids) and not is_silence(w.decode, opts):
+            return False
+        return not needs_fallback(w.decode, opts)
+
+    def _finalize(self, w: Window) -> list[Window]:
+        """Segments from the window's decode; returns its tail, if it has one, as a new window."""
+        w.tail = _split_off_tail(w, self.vocab, self.opts)
+        if w.tail is not None:
+            timeline = self.timelines[w.source]
+            timeline.insert(timeline.index(w) + 1, self._add_window(w.tail))
+            w.tail.processed = with_input_floor(w.tail.processed, self.peaks[w.source])
+        w.segments = self._segments(w)
+        w.final = True
+        self.tracker.advance(w.duration - (w.tail.duration if w.tail else 0.0))
+        return [w.tail] if w.tail is not None else []
 
     @property
     def finished(self) -> bool:
@@ -265,7 +304,8 @@ class TranscriptionRun:
 
     def _first_decodes(self, windows: list[Window]) -> list[WindowRequest]:
         for w in windows:
-            tokens = self.prompt_prefix + self.vocab.sot_sequence(self.languages[w.source], self.opts.task)
+            tokens = _previous_text_tokens(self.vocab, self.previous_text[w.source], self.hotwords)
+            tokens += self.vocab.sot_sequence(self.languages[w.source], self.opts.task)
             if not self.opts.timestamps:
                 tokens.append(self.vocab.no_timestamps)
             if self.prefix_tokens and w is self.timelines[w.source][0]:   # the input's first window
@@ -279,8 +319,14 @@ class TranscriptionRun:
         opts, vocab = self.opts, self.vocab
         probe = NoSpeechProbe(vocab.no_speech) if self.ends_at_sot else None
         processors = ([probe] if probe else []) + [self.suppress]
+        if opts.no_repeat_ngram_size:
+            processors.append(NoRepeatNGram(opts.no_repeat_ngram_size, w.prefix))
         if opts.timestamps:
             processors.append(TimestampRules(vocab, opts.max_initial_timestamp + w.initial_silence, w.prefix))
+        guard = None
+        if attempt + 1 < len(opts.temperature) and opts.compression_ratio_threshold is not None:
+            guard = DoomedDecodeGuard(vocab, opts.compression_ratio_threshold)    # the last decode runs to its end
+            processors.append(guard)
         max_context = self.engine.loaded.hf_config.max_target_positions
         prompt_len = len(w.processed.prompt_token_ids)
         temperature = opts.temperature[attempt]
@@ -289,8 +335,8 @@ class TranscriptionRun:
             n=opts.best_of if temperature > 0 else 1, temperature=temperature, max_tokens=max(1, min(max_context // 2, max_context - prompt_len, opts.max_new_tokens or max_context)),
             seed=None if opts.seed is None else opts.seed + w.index, logits_processors=processors,
             logprobs=0 if opts.logprobs else None, beam_width=beams, patience=opts.patience if beams > 1 else None,
-            length_penalty=opts.length_penalty)
-        return WindowRequest(w, attempt, params, probe)
+            length_penalty=opts.length_penalty, repetition_penalty=opts.repetition_penalty)
+        return WindowRequest(w, attempt, params, probe, guard)
 
     def _segments(self, w: Window) -> list[Segment]:
         d = w.decode
@@ -331,11 +377,11 @@ def _engine_prompt(w: Window, decoder_tokens: list[int]) -> dict:
             "decoder_prompt": decoder_tokens}
 
 
-def _previous_text_tokens(vocab: WhisperVocab, initial_prompt: str | None, hotwords: str | None = None) -> list[int]:
-    """<|startofprev|>, then hotwords and the prompt's last tokens: earlier text the decode is conditioned
-    on (faster-whisper's order)."""
+def _previous_text_tokens(vocab: WhisperVocab, previous: list[int], hotwords: str | None = None) -> list[int]:
+    """<|startofprev|>, then hotwords and the last tokens of the earlier text (initial prompt, previous
+    windows): what the decode is conditioned on (faster-whisper's order)."""
     words = vocab.encode(" " + hotwords.strip())[:MAX_PREFIX_TOKENS] if hotwords and hotwords.strip() else []
-    text = vocab.encode(" " + initial_prompt.strip())[-(224 - 1):] if initial_prompt and initial_prompt.strip() else []
+    text = previous[-(224 - 1):]
     return [vocab.sot_prev] + words + text if words or text else []
 
 

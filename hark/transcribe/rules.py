@@ -64,3 +64,26 @@ class TimestampRules:
         if timestamp_mass > logits[:ts_begin].max():
             logits[:ts_begin] = NEG_INF
         return logits
+
+
+class NoRepeatNGram:
+    """No n-gram of `size` tokens twice in the output (with `preceding` prompt tokens counted as output):
+    the tokens that would complete an n-gram seen before are banned, as transformers'
+    NoRepeatNGramLogitsProcessor and CTranslate2's no_repeat_ngram_size do."""
+
+    def __init__(self, size: int, preceding: list[int] = ()):
+        self.size, self.preceding = size, list(preceding)
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        tokens = self.preceding + list(output_ids)
+        n = self.size
+        if len(tokens) < n - 1 or n < 1:
+            return logits
+        if n == 1:
+            banned = set(tokens)
+        else:
+            last = tokens[len(tokens) - n + 1:]
+            banned = {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == last}
+        if banned:
+            logits[list(banned)] = NEG_INF
+        return logits
