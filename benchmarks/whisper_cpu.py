@@ -233,6 +233,8 @@ def main():
                 continue
             start_up = run_process(command, one_second)
             run = run_process(command, conversation)
+            with open(os.path.join(work, f"{name}.txt"), "w") as f:     # the transcript, to look at the errors
+                f.write(run["text"] + "\n")
             r = {"wall_s": round(run["wall_s"], 2), "rtfx": round(duration / run["wall_s"], 1),
                  "wer": round(100 * wer(reference, run["text"]), 2), "rss_mib": round(run["rss_mib"]),
                  "start_up_s": round(start_up["wall_s"], 2), "start_up_rss_mib": round(start_up["rss_mib"])}
