@@ -231,8 +231,12 @@ def main():
         for name, command in systems.items():
             if name in args.skip:
                 continue
-            start_up = run_process(command, one_second)
-            run = run_process(command, conversation)
+            try:
+                start_up = run_process(command, one_second)
+                run = run_process(command, conversation)
+            except RuntimeError as e:              # one system failing leaves the others' figures
+                print(f"{name:20s} failed: {e}", flush=True)
+                continue
             with open(os.path.join(work, f"{name}.txt"), "w") as f:     # the transcript, to look at the errors
                 f.write(run["text"] + "\n")
             r = {"wall_s": round(run["wall_s"], 2), "rtfx": round(duration / run["wall_s"], 1),
