@@ -78,7 +78,7 @@ def test_startup_imports_neither_transformers_nor_the_server():
     """A whole `hark transcribe` with the built-in tiny.en, in a fresh process."""
     code = ("import sys; from hark.cli import main; rc = main(['transcribe', %r]);"
             "print(sorted(m for m in ('transformers', 'hark.server', 'fastapi', 'uvicorn', 'pydantic', 'xgrammar',"
-            "'huggingface_hub', 'jinja2') if m in sys.modules));"
+            "'huggingface_hub', 'jinja2', 'httpx') if m in sys.modules));"
             "import os; print(os.environ.get('OMP_WAIT_POLICY'))" % CLIP)
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -1,9 +1,19 @@
-"""Reading media references (URLs, base64) safely: see fetch.py for what is checked."""
-from hark.media.errors import MediaError, MediaFetchError, MediaNotAllowedError, MediaTooLargeError
-from hark.media.fetch import afetch_media, fetch_media
-from hark.media.hashing import hash_audio
-from hark.media.inline import decode_base64_audio
-from hark.media.policy import MediaPolicy
+"""Reading media references (URLs, base64) safely: see fetch.py for what is checked.
 
+Names load on first use, so what needs only hash_audio (the transcription command line) does not
+import httpx (0.05 s of start-up)."""
 __all__ = ["MediaError", "MediaFetchError", "MediaNotAllowedError", "MediaTooLargeError", "MediaPolicy",
            "afetch_media", "decode_base64_audio", "fetch_media", "hash_audio"]
+
+_MODULES = {"MediaError": "errors", "MediaFetchError": "errors", "MediaNotAllowedError": "errors",
+            "MediaTooLargeError": "errors", "afetch_media": "fetch", "fetch_media": "fetch", "hash_audio": "hashing",
+            "decode_base64_audio": "inline", "MediaPolicy": "policy"}
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        import importlib
+        value = getattr(importlib.import_module(f"hark.media.{_MODULES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hark.media' has no attribute {name!r}")
