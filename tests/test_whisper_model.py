@@ -241,9 +241,10 @@ def test_kv_cache_is_sized_to_the_positions_the_model_can_use(checkpoint):
 
 
 def test_transcribe_command_engine_holds_its_sequences_only():
-    """`hark transcribe`'s engine for the built-in tiny.en: 16 sequences x 448 positions of KV cache
-    (88 MiB, touched only as used), not the engine default's 64 sequences (352 MiB)."""
+    """`hark transcribe`'s engine for the built-in tiny.en: 8 sequences x 448 positions of KV cache
+    (44 MiB, touched only as used), not the engine default's 64 sequences (352 MiB)."""
     from hark.transcribe.command import MAX_NUM_SEQS
+    assert MAX_NUM_SEQS == 8
     engine = LLM(model=None, max_num_seqs=MAX_NUM_SEQS).llm_engine
     assert engine.max_model_len == 448 and engine.kv.num_blocks == MAX_NUM_SEQS * 448 // 16
     assert 2 * engine.runner.k_cache.numel() * 4 == MAX_NUM_SEQS * 448 * 2 * 4 * 384 * 4
