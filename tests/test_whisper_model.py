@@ -224,3 +224,27 @@ def test_llm_generate_matches_transformers_greedy(checkpoint, clips):
                 generation_config=plain_greedy, max_new_tokens=max_new, do_sample=False)
         for output, want in zip(outputs, expected[:, len(prefix):].tolist()):
             assert list(output.outputs[0].token_ids) == want
+
+
+def test_kv_cache_is_sized_to_the_positions_the_model_can_use(checkpoint):
+    """max_num_seqs sequences of the decoder's max positions (64 here), not the byte budget; a budget
+    that holds fewer caps it; one that cannot hold a single sequence is refused."""
+    _, _, path = checkpoint
+    engine = LLM(model=str(path), max_num_seqs=3, block_size=4).llm_engine
+    assert engine.max_model_len == 64
+    assert engine.kv.num_blocks == 3 * 64 // 4 == engine.runner.k_cache.shape[1]
+    per_block = 2 * 2 * 4 * 4 * 16 * 4          # K and V, 2 layers, 4 tokens, 4 heads x 16 dims, float32
+    engine = LLM(model=str(path), max_num_seqs=3, block_size=4, kv_cache_memory_bytes=20 * per_block).llm_engine
+    assert engine.kv.num_blocks == 20
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        LLM(model=str(path), block_size=4, kv_cache_memory_bytes=10 * per_block)
+
+
+def test_transcribe_command_engine_holds_its_sequences_only():
+    """`hark transcribe`'s engine for the built-in tiny.en: 8 sequences x 448 positions of KV cache
+    (44 MiB, touched only as used), not the engine default's 64 sequences (352 MiB)."""
+    from hark.transcribe.command import MAX_NUM_SEQS
+    assert MAX_NUM_SEQS == 8
+    engine = LLM(model=None, max_num_seqs=MAX_NUM_SEQS).llm_engine
+    assert engine.max_model_len == 448 and engine.kv.num_blocks == MAX_NUM_SEQS * 448 // 16
+    assert 2 * engine.runner.k_cache.numel() * 4 == MAX_NUM_SEQS * 448 * 2 * 4 * 384 * 4

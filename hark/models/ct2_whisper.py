@@ -75,11 +75,15 @@ class CT2Variable:
 
 
 class CT2ModelFile:
-    """The variables of a model.bin, read lazily from a memory map."""
+    """The variables of a model.bin, read lazily from a memory map.
+
+    The map is private (copy-on-write), so its tensors are writable views of the file and loading
+    copies each weight once, from the page cache straight into the model's (float32) parameter: no
+    intermediate copy, and the file's pages are dropped when the last view goes."""
 
     def __init__(self, path: str):
         self.path = path
-        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        self.data = np.memmap(path, dtype=np.uint8, mode="c")
         self.pos = 0
         self.version = self._u32()
         self.spec_name = self._string()
@@ -120,11 +124,11 @@ class CT2ModelFile:
         return self.aliases.get(name, name) in self.variables
 
     def raw(self, name: str) -> torch.Tensor:
-        """The stored tensor, as stored (int8 weights stay int8)."""
+        """The stored tensor, as stored (int8 weights stay int8): a view of the memory map."""
         var = self.variables[self.aliases.get(name, name)]
         dtype = np.dtype(CT2_DTYPES[var.dtype_code])
         array = np.frombuffer(self.data, dtype, var.nbytes // dtype.itemsize, var.offset).reshape(var.shape)
-        tensor = torch.from_numpy(array.copy())
+        tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if var.dtype_code == BF16_CODE else tensor
 
     def scalar(self, name: str) -> int:
