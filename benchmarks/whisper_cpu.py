@@ -205,8 +205,8 @@ def main():
         "hark": hark_command(t),
         "hark-no-fallback": hark_command(t, "--temperature", "0"),
         "hark-beam5": hark_command(t, "--beam-size", "5"),
-        "hark-vad": hark_command(t, "--vad-filter"),                  # speech windows, as fw-batched cuts them
-        "hark-vad-beam5": hark_command(t, "--vad-filter", "--beam-size", "5"),
+        "hark-quiet": hark_command(t, "--split", "quiet"),            # windows cut at quiet points, not VAD
+        "hark-quiet-beam5": hark_command(t, "--split", "quiet", "--beam-size", "5"),
         "fw-batched": fw(8, 1),
         "fw-sequential": fw(0, 1),
         "fw-sequential-beam5": fw(0, 5),

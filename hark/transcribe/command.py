@@ -86,7 +86,7 @@ def add_transcribe_parser(subparsers) -> None:
                    help="prompt each window with the previous window's text (windows of a file decode in turn)")
     g.add_argument("--prompt-reset-on-temperature", type=float, default=0.5,
                    help="with --condition-on-previous-text: no prompt after a window decoded hotter than this")
-    g.add_argument("--split", choices=("quiet", "speech"), default="quiet",
+    g.add_argument("--split", choices=("quiet", "speech"), default="speech",
                    help="cut long audio at quiet points or around speech regions (VAD)")
     g.add_argument("--vad-filter", dest="split", action="store_const", const="speech",
                    help="same as --split speech (faster-whisper's name)")

@@ -33,7 +33,7 @@ class TranscriptionOptions:
     logprob_threshold: float | None = -1.0              # below: output is unsure, decode again hotter
     no_speech_threshold: float | None = 0.6             # above (and unsure): the window is silence
     max_initial_timestamp: float = 1.0
-    split: str = "quiet"                    # long audio: cut at quiet points, or "speech" regions (VAD)
+    split: str = "speech"                   # long audio: cut around speech regions (VAD), or at "quiet" points
     seed: int | None = 0                    # for temperatures > 0
     logprobs: bool = False                  # keep each decoded token's log-probability (Window.token_logprobs)
     repetition_penalty: float = 1.0         # > 1 penalizes tokens already in the decoder's sequence (transformers')
