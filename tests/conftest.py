@@ -76,3 +76,50 @@ def llama_ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("llama"))
     model, tok = make_tiny_lm(path, "llama", tie=False)
     return path, model, tok
+
+
+def wav_b64(audio) -> str:
+    """Base64 of a float 16 kHz wav of `audio`, as an input_audio content part carries it."""
+    import base64
+    import io
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype="FLOAT")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def worst_logprob_error(out, ref: torch.Tensor) -> float:
+    """The largest |logprob - reference| over a RequestOutput's prompt logprobs and its sampled tokens' top
+    logprobs, ref being the reference's log-softmax [prompt + output tokens, V]; each greedy token must be
+    the reference's argmax."""
+    ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+    n_prompt, worst = len(out.prompt_token_ids), 0.0
+    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        worst = max(worst, abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()))
+    for step, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        assert token == int(ref[n_prompt - 1 + step].argmax())
+        for t, logprob in entry.items():
+            worst = max(worst, abs(logprob.logprob - ref[n_prompt - 1 + step, t].item()))
+    return worst
+
+
+def served_chat_matches_offline(llm, name: str, messages: list, offline, max_tokens: int) -> None:
+    """Serves llm's engine as `name`: the chat answers as `offline` did, and an image part is a 400."""
+    import openai
+    from hark.engine.async_engine import AsyncLLMEngine
+    from hark.server.app import BackgroundServer, build_app
+    from hark.server.metrics import Metrics
+    from hark.server.state import ServedModel
+    metrics = Metrics()
+    app = build_app([ServedModel(name, AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
+    with BackgroundServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=max_tokens)
+        assert r.choices[0].message.content == offline.outputs[0].text
+        assert r.usage.prompt_tokens == len(offline.prompt_token_ids)
+        try:                                              # an image part: a clear 400, not a crash
+            client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+        except openai.BadRequestError:
+            return
+        raise AssertionError("an image part was accepted")

@@ -3,17 +3,13 @@ checkpoint (partial RoPE, LongRoPE, random feature normalisation) with 0, 1 and 
 lengths, batched and through chunked prefill; log-mel features, encoder outputs (also past the 500-frame
 window, 45 s) and placeholder counts as transformers'; `<|audio_k|>` numbering, chat, the server,
 the encoder cache, limits and refusals."""
-import base64
-import io
 
 import numpy as np
-import openai
 import pytest
-import soundfile as sf
 import torch
 
 from hark import LLM, SamplingParams
-from conftest import make_byte_tokenizer, randomize
+from conftest import make_byte_tokenizer, randomize, served_chat_matches_offline, wav_b64, worst_logprob_error
 from test_qwen2_audio import speech
 
 AUDIO_TOKEN, IMAGE_TOKEN = "<|endoftext11|>", "<|endoftext10|>"
@@ -216,29 +212,10 @@ def test_logits_close_to_transformers(ckpt):
     with torch.no_grad():
         embeds = torch.cat((embeds, model.model.embed_tokens(generated)), dim=1)
         ref = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), dim=-1)
-    all_ids = out.prompt_token_ids + out.outputs[0].token_ids
-    n_prompt = len(out.prompt_token_ids)
-    worst = 0.0
-    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
-        worst = max(worst, abs(entry[all_ids[pos]].logprob - ref[pos - 1, all_ids[pos]].item()))
-    for step, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
-        assert token == int(ref[n_prompt - 1 + step].argmax())
-        for t, logprob in entry.items():
-            worst = max(worst, abs(logprob.logprob - ref[n_prompt - 1 + step, t].item()))
-    assert worst < 1e-5          # measured 1e-6
-
-
-def wav_b64(audio: np.ndarray) -> str:
-    buf = io.BytesIO()
-    sf.write(buf, audio, 16000, format="WAV", subtype="FLOAT")
-    return base64.b64encode(buf.getvalue()).decode()
+    assert worst_logprob_error(out, ref) < 1e-5          # measured 1e-6
 
 
 def test_chat_and_server_match_transformers(ckpt):
-    from hark.engine.async_engine import AsyncLLMEngine
-    from hark.server.app import BackgroundServer, build_app
-    from hark.server.metrics import Metrics
-    from hark.server.state import ServedModel
     path, model, tok, processor = ckpt
     audio = clip(CLIP_A, 1234)
     part = {"type": "input_audio", "input_audio": {"data": wav_b64(audio), "format": "wav"}}
@@ -247,16 +224,7 @@ def test_chat_and_server_match_transformers(ckpt):
     offline = llm.chat(messages, GREEDY, use_tqdm=False)[0]
     assert offline.outputs[0].token_ids == reference(model, processor, "<|user|><|audio_1|>\nWhat is said?<|end|>"
                                                                        "<|assistant|>", [audio])
-    metrics = Metrics()
-    app = build_app([ServedModel("phi4", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
-    with BackgroundServer(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-        r = client.chat.completions.create(model="phi4", messages=messages, temperature=0, max_tokens=MAX_NEW)
-        assert r.choices[0].message.content == offline.outputs[0].text
-        assert r.usage.prompt_tokens == len(offline.prompt_token_ids)
-        with pytest.raises(openai.BadRequestError):       # an image part: a clear 400, not a crash
-            client.chat.completions.create(model="phi4", max_tokens=2, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    served_chat_matches_offline(llm, "phi4", messages, offline, MAX_NEW)
 
 
 def test_encoder_cache_limits_and_refusals(ckpt):

@@ -2,17 +2,13 @@
 checkpoint (0, 1 and 2 clips of odd sample counts, batched, chunked prefill), placeholder counts
 as transformers' processor, 3-D positions as get_rope_index, M-RoPE as transformers' rotary
 embedding, chat and the server, encoder and prefix caches, limits."""
-import base64
-import io
 
 import numpy as np
-import openai
 import pytest
-import soundfile as sf
 import torch
 
 from hark import LLM, SamplingParams
-from conftest import make_byte_tokenizer, randomize
+from conftest import make_byte_tokenizer, randomize, served_chat_matches_offline, wav_b64, worst_logprob_error
 from test_qwen2_audio import speech
 
 SPECIAL_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>",
@@ -140,15 +136,7 @@ def test_logits_close_to_transformers(ckpt):
     inputs["attention_mask"] = torch.ones(1, len(ids), dtype=torch.long)
     with torch.no_grad():
         ref = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)
-    n_prompt = len(out.prompt_token_ids)
-    worst = 0.0
-    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
-        worst = max(worst, abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()))
-    for step, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
-        assert token == int(ref[n_prompt - 1 + step].argmax())
-        for t, logprob in entry.items():
-            worst = max(worst, abs(logprob.logprob - ref[n_prompt - 1 + step, t].item()))
-    assert worst < 1e-5          # measured 1e-6
+    assert worst_logprob_error(out, ref) < 1e-5          # measured 1e-6
 
 
 def test_positions_equal_get_rope_index(ckpt):
@@ -189,17 +177,7 @@ def test_multimodal_rope_matches_transformers(ckpt):
     torch.testing.assert_close(hark_k, ref_k[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
-def wav_b64(audio: np.ndarray) -> str:
-    buf = io.BytesIO()
-    sf.write(buf, audio, 16000, format="WAV", subtype="FLOAT")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_chat_and_server_match_transformers(ckpt):
-    from hark.engine.async_engine import AsyncLLMEngine
-    from hark.server.app import BackgroundServer, build_app
-    from hark.server.metrics import Metrics
-    from hark.server.state import ServedModel
     path, model, tok, processor = ckpt
     audio = clip(CLIP_A, 1234)
     part = {"type": "input_audio", "input_audio": {"data": wav_b64(audio), "format": "wav"}}
@@ -208,16 +186,7 @@ def test_chat_and_server_match_transformers(ckpt):
     offline = llm.chat(messages, GREEDY, use_tqdm=False)[0]
     text = f"<|im_start|>user\n{PLACEHOLDER}\nWhat is said?<|im_end|>\n<|im_start|>assistant\n"
     assert offline.outputs[0].token_ids == reference(model, processor, text, [audio])
-    metrics = Metrics()
-    app = build_app([ServedModel("omni", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)
-    with BackgroundServer(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-        r = client.chat.completions.create(model="omni", messages=messages, temperature=0, max_tokens=MAX_NEW)
-        assert r.choices[0].message.content == offline.outputs[0].text
-        assert r.usage.prompt_tokens == len(offline.prompt_token_ids)
-        with pytest.raises(openai.BadRequestError):       # an image part: a clear 400, not a crash
-            client.chat.completions.create(model="omni", max_tokens=2, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    served_chat_matches_offline(llm, "omni", messages, offline, MAX_NEW)
 
 
 def test_encoder_cache_prefix_cache_and_limits(ckpt):

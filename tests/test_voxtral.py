@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 from hark import LLM, SamplingParams
-from conftest import randomize
+from conftest import randomize, wav_b64, worst_logprob_error
 from test_qwen2_audio import speech
 
 # Voxtral's tekken special tokens (ranks 0..): the ones hark uses sit where Voxtral's tekken.json has them
@@ -172,20 +172,7 @@ def test_logits_close_to_transformers(ckpt):
         logits = model(input_ids=torch.tensor([ids]), input_features=features([p for p in parts
                                                                                if isinstance(p, np.ndarray)])).logits
     ref = torch.log_softmax(logits[0].float(), dim=-1)
-    n_prompt, worst = len(out.prompt_token_ids), 0.0
-    for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
-        worst = max(worst, abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()))
-    for step, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
-        assert token == int(ref[n_prompt - 1 + step].argmax())
-        for t, logprob in entry.items():
-            worst = max(worst, abs(logprob.logprob - ref[n_prompt - 1 + step, t].item()))
-    assert worst < 1e-5          # measured 1e-6
-
-
-def wav_b64(audio: np.ndarray) -> str:
-    buf = io.BytesIO()
-    sf.write(buf, audio, 16000, format="WAV", subtype="FLOAT")
-    return base64.b64encode(buf.getvalue()).decode()
+    assert worst_logprob_error(out, ref) < 1e-5          # measured 1e-6
 
 
 def test_chat_as_mistral_common_writes_it(ckpt):
