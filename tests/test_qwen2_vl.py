@@ -1,6 +1,5 @@
 """Qwen2-VL and Qwen2.5-VL (windowed vision attention) on hark: greedy parity with transformers on a tiny random checkpoint with real photos of different
 sizes (native-resolution grids, M-RoPE positions), 0, 1 and 2 images per prompt, batched; chat; logits."""
-import os
 
 import pytest
 import torch

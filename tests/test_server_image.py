@@ -1,7 +1,6 @@
 """hark serve with LLaVA and the openai client: image_url chat parts (data: and file: URLs) answer as the
 offline API does; hostile images get 400s with an OpenAI-style error body while the server keeps serving."""
 import base64
-import io
 
 import httpx
 import openai

@@ -18,7 +18,6 @@ import os
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hark.inputs import AudioItem
