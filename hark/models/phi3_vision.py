@@ -56,9 +56,14 @@ def read_config(path: str, raw: dict):
         raise ValueError(f"Phi-3-vision embd_layer {wrong} is not supported; hark runs {wanted}.")
     if img.get("type_feature", "patch") != "patch":
         raise ValueError(f"Phi-3-vision type_feature {img['type_feature']!r} is not supported (patch only).")
+    lm = {k: v for k, v in raw.items() if k not in NOT_LM_KEYS}
+    scaling = lm.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("type", scaling.get("rope_type")) == "su":
+        # Phi-3-vision's name for LongRoPE, which transformers' Phi3Config renames only after validating it
+        lm["rope_scaling"] = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "longrope"}
     try:
-        config = Phi3Config(**{k: v for k, v in raw.items() if k not in NOT_LM_KEYS})
-    except (TypeError, ValueError) as e:
+        config = Phi3Config(**lm)
+    except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"cannot read Phi-3-vision config.json in {path}: {e}") from None
     config.img_processor, config.embd_layer = dict(img), dict(embd)
     config.vision_config = CLIPVisionConfig(**{**CLIP_VIT_LARGE_PATCH14_336, **img.get("vision_config", {})})
