@@ -408,3 +408,27 @@ def test_reads_the_published_config():
         read_config("phi", dict(raw, embd_layer=dict(raw["embd_layer"], hd_transform_order="glb_sub")))
     with pytest.raises(ValueError, match="image_dim_out"):
         read_config("phi", dict(raw, img_processor=dict(raw["img_processor"], image_dim_out=768)))
+
+
+def test_served_chat_matches_offline(llm):
+    import httpx
+    import openai
+    from hark.engine.async_engine import AsyncLLMEngine
+    from hark.server.app import BackgroundServer, build_app
+    from hark.server.metrics import Metrics
+    from hark.server.state import ServedModel
+    images = photos()
+    content = [{"type": "image_url", "image_url": {"url": data_url(images[1])}},
+               {"type": "image_url", "image_url": {"url": data_url(images[2])}},
+               {"type": "text", "text": "Compare them."}]
+    offline = llm.chat([{"role": "user", "content": content}], GREEDY, use_tqdm=False)[0]
+    metrics = Metrics()
+    with BackgroundServer(build_app([ServedModel("phi3v", AsyncLLMEngine(llm.llm_engine), metrics)], metrics)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="phi3v", messages=[{"role": "user", "content": content}],
+                                           temperature=0, max_tokens=MAX_NEW)
+        assert r.choices[0].message.content == offline.outputs[0].text
+        assert r.usage.prompt_tokens == len(offline.prompt_token_ids) > 757 + 469
+        bad = httpx.post(url + "/v1/completions", timeout=60,
+                         json={"model": "phi3v", "prompt": "<|image_1|> what?", "max_tokens": 4})
+        assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]
