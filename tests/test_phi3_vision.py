@@ -432,3 +432,13 @@ def test_served_chat_matches_offline(llm):
         bad = httpx.post(url + "/v1/completions", timeout=60,
                          json={"model": "phi3v", "prompt": "<|image_1|> what?", "max_tokens": 4})
         assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]
+
+
+def test_image_embeds_stand_for_the_image(ckpt):
+    llm = LLM(ckpt[0], enable_mm_embeds=True)
+    image, text = photos()[2], prompt("What is it?", 1)
+    item = llm.llm_engine.processor.process({"prompt": text, "multi_modal_data": {"image": image}}).audio_items[0]
+    with torch.no_grad():
+        embeds = llm.llm_engine.runner.model.embed_audio([item])[0]
+    by_embeds = llm.generate({"prompt": text, "multi_modal_data": {"image_embeds": embeds}}, GREEDY, use_tqdm=False)[0]
+    assert by_embeds.outputs[0].token_ids == reference(ckpt, text, [image])
