@@ -57,15 +57,19 @@ def make_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_tiny_phi3v(path: str):
+TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def make_tiny_phi3v(path: str, vision: dict = VISION, lm_size: dict = TINY_LM, stds=(0.2, 0.1, 0.1)):
     """Writes config.json (the real keys), preprocessor_config.json and model.safetensors (the remote weight
-    names) of a tiny Phi3VForCausalLM; returns the reference parts (CLIP tower, glue, LM) and the tokenizer."""
+    names) of a small random Phi3VForCausalLM; returns the reference parts (CLIP tower, glue, LM) and the
+    tokenizer. stds: the LM's, the tower's and the glue's weights (LM 0.2: answers that vary)."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM
     tok = make_tokenizer(path)
-    rotary_half = 64 // 4 // 2
-    lm_config = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+    hidden, dim = lm_size["hidden_size"], 4 * vision["hidden_size"]
+    rotary_half = hidden // lm_size["num_attention_heads"] // 2
+    lm_config = dict(vocab_size=len(tok), **lm_size, max_position_embeddings=8192,
                      original_max_position_embeddings=2048, rms_norm_eps=1e-5, hidden_act="silu",
                      rope_theta=10000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.eos_token_id, tie_word_embeddings=False, sliding_window=262144,
@@ -73,12 +77,12 @@ def make_tiny_phi3v(path: str):
                                    "long_factor": [2.0 + 0.5 * i for i in range(rotary_half)]})
     torch.manual_seed(0)
     lm = Phi3ForCausalLM(Phi3Config(**lm_config))
-    clip = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    clip = CLIPVisionModel(CLIPVisionConfig(**vision))
     glue = torch.nn.ModuleDict({"img_projection": torch.nn.Sequential(
-        torch.nn.Linear(4 * 32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))})
-    glue.glb_GN = torch.nn.Parameter(torch.empty(1, 1, 4 * 32))
-    glue.sub_GN = torch.nn.Parameter(torch.empty(1, 1, 1, 4 * 32))
-    for i, (part, std) in enumerate(((lm, 0.2), (clip, 0.1), (glue, 0.1))):   # LM std 0.2: answers that vary
+        torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))})
+    glue.glb_GN = torch.nn.Parameter(torch.empty(1, 1, dim))
+    glue.sub_GN = torch.nn.Parameter(torch.empty(1, 1, 1, dim))
+    for i, (part, std) in enumerate(zip((lm, clip, glue), stds)):
         randomize(part, std=std, seed=i)
         part.eval()
     weights = {name: t for name, t in lm.state_dict().items()}
@@ -91,8 +95,8 @@ def make_tiny_phi3v(path: str):
                             "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
                   embd_layer={"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
                               "use_hd_transform": True, "with_learnable_separator": True},
-                  img_processor={"image_dim_out": 32, "model_name": "openai/clip-vit-large-patch14-336",
-                                 "name": "clip_vision_model", "num_img_tokens": 144, "vision_config": VISION},
+                  img_processor={"image_dim_out": vision["hidden_size"], "model_name": "openai/clip-vit-large-patch14-336",
+                                 "name": "clip_vision_model", "num_img_tokens": 144, "vision_config": vision},
                   embd_pdrop=0.0, resid_pdrop=0.0, attention_dropout=0.0, _attn_implementation="flash_attention_2")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -194,19 +198,23 @@ def ref_image_embeds(clip, glue, pixel_values, image_sizes, order="sub_glb"):
     return glue.img_projection(torch.cat(parts))
 
 
+def ref_inputs_embeds(clip, glue, lm, tok, text: str, images: list) -> torch.Tensor:
+    """[L, H]: the remote Phi3VModel's inputs_embeds (image features where the ids are negative)."""
+    with torch.no_grad():
+        pixels, sizes, counts = ref_preprocess(images) if images else (None, [], [])
+        ids = torch.tensor(ref_input_ids(tok, text, counts))
+        embeds = lm.model.embed_tokens(ids.clamp_min(0))
+        if images:
+            embeds[ids < 0] = ref_image_embeds(clip, glue, pixels, sizes)
+    return embeds
+
+
 def reference(ckpt, text: str, images: list) -> list[int]:
     _, clip, glue, lm, tok = ckpt
+    embeds = ref_inputs_embeds(clip, glue, lm, tok, text, images)[None]
     with torch.no_grad():
-        if images:
-            pixels, sizes, counts = ref_preprocess(images)
-            ids = torch.tensor([ref_input_ids(tok, text, counts)])
-            embeds = lm.model.embed_tokens(ids.clamp_min(0))
-            embeds[ids < 0] = ref_image_embeds(clip, glue, pixels, sizes)
-        else:
-            ids = torch.tensor([ref_input_ids(tok, text, [])])
-            embeds = lm.model.embed_tokens(ids)
-        out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                          min_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.eos_token_id)
+        out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                          max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.eos_token_id)
     return out[0].tolist()
 
 
