@@ -258,12 +258,12 @@ def test_prompt_ids_equal_the_remote_processor(llm, ckpt):
 
 def test_vision_features_close_to_the_reference(llm, ckpt):
     _, clip, glue, _, _ = ckpt
-    model, processor = llm.llm_engine.runner.model, llm.llm_engine.processor
+    model, processor = llm.llm_engine.executor.model, llm.llm_engine.processor
     images = photos()
-    items = [processor.process({"prompt": prompt("x", 1), "multi_modal_data": {"image": im}}).audio_items[0]
+    items = [processor.process({"prompt": prompt("x", 1), "multi_modal_data": {"image": im}}).mm_items[0]
              for im in images]
     with torch.no_grad():
-        got = model.embed_audio(items)
+        got = model.embed_multimodal(items)
         pixels, sizes, _ = ref_preprocess(images)
         expected = ref_image_embeds(clip, glue, pixels, sizes).split([i.num_embeds for i in items])
         mutated = ref_image_embeds(clip, glue, pixels, sizes, order="glb_sub").split([i.num_embeds for i in items])
@@ -277,12 +277,12 @@ def test_greedy_matches_the_reference_batched(llm, ckpt):
     images = photos()
     prompts = [{"prompt": text, "multi_modal_data": {"image": [images[i] for i in idx]}} if idx else text
                for text, idx in CASES]
-    before = llm.llm_engine.runner.encoder_items
+    before = llm.llm_engine.executor.runner.encoder_items
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     expected = [reference(ckpt, text, [images[i] for i in idx]) for text, idx in CASES]
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert len(outs[2].prompt_token_ids) > 757 + 469
-    assert llm.llm_engine.runner.encoder_items - before == 3        # each photo encoded once (the astronaut twice asked)
+    assert llm.llm_engine.executor.runner.encoder_items - before == 3        # each photo encoded once (the astronaut twice asked)
 
 
 def test_separator_mutation_changes_the_answer(ckpt):
@@ -445,8 +445,8 @@ def test_served_chat_matches_offline(llm):
 def test_image_embeds_stand_for_the_image(ckpt):
     llm = LLM(ckpt[0], enable_mm_embeds=True)
     image, text = photos()[2], prompt("What is it?", 1)
-    item = llm.llm_engine.processor.process({"prompt": text, "multi_modal_data": {"image": image}}).audio_items[0]
+    item = llm.llm_engine.processor.process({"prompt": text, "multi_modal_data": {"image": image}}).mm_items[0]
     with torch.no_grad():
-        embeds = llm.llm_engine.runner.model.embed_audio([item])[0]
+        embeds = llm.llm_engine.executor.model.embed_multimodal([item])[0]
     by_embeds = llm.generate({"prompt": text, "multi_modal_data": {"image_embeds": embeds}}, GREEDY, use_tqdm=False)[0]
     assert by_embeds.outputs[0].token_ids == reference(ckpt, text, [image])

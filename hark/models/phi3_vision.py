@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.clip_vision import CLIPVisionTower
 from hark.models.layers import Linear, RotaryEmbedding
@@ -146,7 +146,7 @@ class Phi3VForCausalLM(AudioLanguageModel):
             self.language_model.rope = RotaryEmbedding(config, self.max_positions)
 
     # --- images -------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] tensor per image item (features: its crops, grid_thw (1, rows, cols))."""
         embeds = self.vision_embed_tokens([item.features for item in items],
                                           [item.grid_thw[1:] for item in items])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.multimodal.image_inputs import ImagePromptError, ImagePromptProcessor
 
 TAG = re.compile(r"<\|image_(\d+)\|>")
@@ -134,7 +134,7 @@ class Phi3VisionProcessor(ImagePromptProcessor):
     def chat_image_placeholder(self, index: int) -> str:
         return f"<|image_{index}|>"
 
-    def _items(self, prompt: dict) -> dict[str, list[AudioItem]]:
+    def _items(self, prompt: dict) -> dict[str, list[MultiModalItem]]:
         """The images in the order the prompt's tags name them (`<|image_k|>` takes the k-th)."""
         items = super()._items(prompt)
         text = prompt.get("prompt")
