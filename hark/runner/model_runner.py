@@ -33,6 +33,9 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         # M-RoPE models say where each prompt token sits (model.prompt_positions); others use token indices
         self.model_positions = hasattr(model, "prompt_positions")
+        # models that cross-attend to all of a prompt's items (mllama's images) make each request's encoder
+        # state from those items' encoder outputs (model.encoder_state); Whisper's is its one clip's output
+        self.cross_attends_items = hasattr(model, "encoder_state")
         self.encoder_calls = 0          # batched encoder invocations
         self.encoder_items = 0          # audio items encoded
 
@@ -73,6 +76,12 @@ class ModelRunner:
         pending = [s.request for s in seqs if s.request.encoder_state is None]
         if pending:
             pending = list({id(r): r for r in pending}.values())
+            if self.cross_attends_items:
+                outputs = iter(self.encode_audio([item for r in pending for item in r.prompt.audio_items]))
+                for request in pending:
+                    items = [next(outputs) for _ in request.prompt.audio_items]
+                    request.encoder_state = self.model.encoder_state(request.prompt, items)
+                return
             states = self.encode_audio([r.prompt.audio_items[0] for r in pending])
             for request, state in zip(pending, states):
                 request.encoder_state = state
@@ -152,7 +161,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), query_start=query_start,
             context_lens=context_lens, block_tables=tables, block_size=bs)
         inputs_embeds = None
-        if self.model.is_encoder_decoder:
+        if self.model.is_encoder_decoder or self.cross_attends_items:
             self._prepare_encoder_states(seqs)
             meta.encoder_states = [s.request.encoder_state for s in seqs]
             meta.cross_caches = [s.request.cross_cache for s in seqs]
