@@ -224,3 +224,25 @@ def test_errors(ckpt):
     out = llm.generate({"prompt": "<|image|>still fine", "multi_modal_data": {"image": image}}, GREEDY,
                        use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == MAX_NEW
+
+
+@pytest.mark.parametrize("offsets", [[0], [3], [0, 1], [2, 5], [2, 3, 7], [0, 1, 2], [4, 5, 9, 10], [11], [5, 11]])
+def test_segments_follow_transformers_cross_attention_mask(offsets):
+    """Every prompt position sees exactly the (image, tile) pairs transformers' processor mask gives it."""
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                               get_cross_attention_token_mask)
+    from hark.models.mllama import image_segments
+    length, max_tiles, tokens, image_id = 12, 4, 3, 99
+    tiles = [1 + (3 * i) % max_tiles for i in range(len(offsets))]
+    ids = [image_id if p in offsets else 7 for p in range(length)]
+    dense = convert_sparse_cross_attention_mask_to_dense([get_cross_attention_token_mask(ids, image_id)], [tiles],
+                                                         max_tiles, length)[0]          # [length, images, tiles]
+    segments = image_segments(offsets, length, tiles, tokens, max_tiles)
+    assert segments[0].start == 0 and segments[-1].end is None
+    for pos in range(length):
+        seg = next(s for s in segments if s.start <= pos and (s.end is None or pos < s.end))
+        expected = torch.tensor(dense[pos]).repeat_interleave(tokens, dim=1).flatten().nonzero()[:, 0]
+        if len(expected):
+            assert torch.equal(seg.keys, expected)
+        else:
+            assert seg.keys is None                   # sees no image: attends all of them, its MLP dropped
