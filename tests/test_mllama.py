@@ -246,3 +246,23 @@ def test_segments_follow_transformers_cross_attention_mask(offsets):
             assert torch.equal(seg.keys, expected)
         else:
             assert seg.keys is None                   # sees no image: attends all of them, its MLP dropped
+
+
+def test_preemption_and_samples_keep_their_images(ckpt):
+    """A KV cache too small for the batch preempts and recomputes requests (their cross-attention K/V stay with
+    the request); n > 1 samples and beams of one request share them."""
+    from hark import BeamSearchParams
+    path, _, _ = ckpt
+    images = photos()
+    prompts = [{"prompt": text, "multi_modal_data": {"image": [images[i] for i in idx]}} if idx else text
+               for text, idx in CASES]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, params, use_tqdm=False)]
+    small = LLM(path, num_kv_blocks=12, block_size=8, max_model_len=96)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)] == expected
+    assert small.llm_engine.stats()["num_preemptions"] > 0
+    greedy_n = small.generate(prompts[2], SamplingParams(temperature=0.0, n=2, max_tokens=12, ignore_eos=True),
+                              use_tqdm=False)[0]
+    assert [c.token_ids for c in greedy_n.outputs] == [expected[2]] * 2
+    beams = small.beam_search([prompts[2]], BeamSearchParams(beam_width=3, max_tokens=4))[0].sequences
+    assert len(beams) == 3

@@ -111,8 +111,8 @@ def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     n, hq, d = q.shape
     hkv = k.shape[0]
     g = hq // hkv
-    folded = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
-    out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+    folded = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
+    out = F.scaled_dot_product_attention(folded, k.unsqueeze(0), v.unsqueeze(0), scale=scale)   # 4-D: SDPA's flash kernel
     return out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
 
 
