@@ -221,40 +221,40 @@ class MllamaForConditionalGeneration(nn.Module):
         return ImageCrossState(torch.cat(outputs), segments)
 
     def _cross_plan(self, meta: AttentionMetadata, dtype: torch.dtype) -> CrossPlan:
-        runs, total = [], meta.query_start[-1]
+        """The cross-attending rows of this step, each sequence's chunk cut at its segments; K/V are
+        computed here for requests at their first step."""
+        runs = []
         for i, state in enumerate(meta.encoder_states):
-            if not state.segments:
+            if not state.segments:                      # no image: the cross layers skip its rows
                 continue
             cache = meta.cross_caches[i]
             if "kv" not in cache:
                 cache["kv"] = self._cross_keys_values(state, dtype)
-            first, rows_start = meta.context_lens[i] - (meta.query_start[i + 1] - meta.query_start[i]), meta.query_start[i]
-            last = meta.context_lens[i]
+            row0, end = meta.query_start[i], meta.context_lens[i]
+            first = end - (meta.query_start[i + 1] - row0)   # position of the chunk's first token
             for s, seg in enumerate(state.segments):
-                lo, hi = max(seg.start, first), last if seg.end is None else min(seg.end, last)
+                lo, hi = max(seg.start, first), end if seg.end is None else min(seg.end, end)
                 if lo < hi:
-                    runs.append(CrossRun(rows_start + lo - first, rows_start + hi - first, cache, s, seg.sees_images))
-        covered = sum(r.rows_end - r.rows_start for r in runs)
+                    runs.append(CrossRun(row0 + lo - first, row0 + hi - first, cache, s, seg.sees_images))
         if not runs:
             return CrossPlan([], None, None)
-        rows = None if covered == total else torch.cat([torch.arange(r.rows_start, r.rows_end) for r in runs])
-        mlp_rows, row = [], 0
-        for r in runs:
-            n = r.rows_end - r.rows_start
-            if r.sees_images:
-                mlp_rows.append(torch.arange(row, row + n))
-            row += n
-        all_mlp = all(r.sees_images for r in runs)
-        return CrossPlan(runs, rows, None if all_mlp else torch.cat(mlp_rows) if mlp_rows else torch.zeros(0, dtype=torch.long))
+        device = meta.slot_mapping.device
+        spans = [torch.arange(r.rows_start, r.rows_end) for r in runs]
+        rows = None if sum(map(len, spans)) == meta.query_start[-1] else torch.cat(spans).to(device)
+        if all(r.sees_images for r in runs):
+            return CrossPlan(runs, rows, None)
+        starts = [0] + [int(n) for n in torch.tensor([len(x) for x in spans]).cumsum(0)]
+        mlp = [torch.arange(a, b) for r, a, b in zip(runs, starts, starts[1:]) if r.sees_images]
+        return CrossPlan(runs, rows, (torch.cat(mlp) if mlp else torch.zeros(0, dtype=torch.long)).to(device))
 
     def _cross_keys_values(self, state: ImageCrossState, dtype: torch.dtype) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per cross layer, per segment: the (K, V) that segment's positions attend."""
-        states = state.states.to(dtype)
+        states = state.states.to(self.multi_modal_projector.weight.device, dtype)
         layers = []
         for attn in self.cross_attention:
             k, v = attn.keys_values(states)
-            layers.append([(k, v) if seg.keys is None else (k[:, seg.keys].contiguous(), v[:, seg.keys].contiguous())
-                           for seg in state.segments])
+            keys = [None if seg.keys is None else seg.keys.to(k.device) for seg in state.segments]
+            layers.append([(k, v) if i is None else (k[:, i].contiguous(), v[:, i].contiguous()) for i in keys])
         return layers
 
     # --- the LM -------------------------------------------------------------------------------
