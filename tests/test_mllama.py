@@ -103,7 +103,7 @@ def test_greedy_matches_transformers(ckpt):
     assert outs[2].prompt_token_ids == hf_processor(path, tok)(text=CASES[2][0], images=[images[1], images[2]])[
         "input_ids"][0]                                  # <|image|> stays one token each, bos as transformers adds it
     assert outs[2].encoder_prompt_token_ids == [tok.convert_tokens_to_ids("<|image|>")] * 2
-    assert llm.llm_engine.runner.encoder_items == 4      # the astronaut is encoded once for three prompts
+    assert llm.llm_engine.stats()["encoder_items"] == 4      # the astronaut is encoded once for three prompts
 
 
 def test_explicit_and_implicit_prompts_agree(ckpt):
@@ -127,8 +127,8 @@ def test_vision_outputs_and_logits_close_to_transformers(ckpt):
     text = "see <|image|> and <|image|> now describe"
     llm = LLM(path)
     processor = llm.llm_engine.processor
-    items = processor.process({"prompt": text, "multi_modal_data": {"image": images[2:4]}}).audio_items
-    ours = llm.llm_engine.model.embed_audio(items)
+    items = processor.process({"prompt": text, "multi_modal_data": {"image": images[2:4]}}).mm_items
+    ours = llm.llm_engine.executor.model.embed_multimodal(items)
     inputs = hf_processor(path, tok)(text=text, images=images[2:4], return_tensors="pt")
     with torch.no_grad():
         states = model.model.vision_model(inputs["pixel_values"], inputs["aspect_ratio_ids"],

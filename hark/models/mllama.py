@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hark.inputs import AudioItem, ProcessedPrompt
+from hark.inputs import MultiModalItem, ProcessedPrompt
 from hark.models.layers import Linear, RMSNorm, RotaryEmbedding, SiluGatedMLP
 from hark.models.llama import DecoderLayer
 from hark.models.mllama_vision import MllamaVisionTower
@@ -203,7 +203,7 @@ class MllamaForConditionalGeneration(nn.Module):
         return self.embed_tokens(input_ids)
 
     # --- images -------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [max_tiles * tokens, H] tensor per image item (features: its tiles [max_tiles, 3, S, S],
         grid_thw: (1, rows, cols) of its canvas); one tower call."""
         pixels = torch.stack([item.features for item in items])
@@ -215,7 +215,7 @@ class MllamaForConditionalGeneration(nn.Module):
         """The runner's hook, once per request: its images' vision outputs (in prompt order) and segments."""
         if not outputs:
             return ImageCrossState(None, [])
-        tiles = [item.grid_thw[1] * item.grid_thw[2] for item in prompt.audio_items]
+        tiles = [item.grid_thw[1] * item.grid_thw[2] for item in prompt.mm_items]
         segments = image_segments(list(prompt.placeholder_offsets), len(prompt.prompt_token_ids), tiles,
                                   self.vision_model.tokens, self.vision_model.max_tiles)
         return ImageCrossState(torch.cat(outputs), segments)

@@ -47,8 +47,8 @@ class MllamaProcessor(ImagePromptProcessor):
         if isinstance(prompt, dict) and "encoder_prompt" in prompt:
             prompt = self._implicit(prompt)
         processed = super().process(prompt)
-        if processed.audio_items:
-            processed.encoder_prompt_token_ids = [self.image_token_id] * len(processed.audio_items)
+        if processed.mm_items:
+            processed.encoder_prompt_token_ids = [self.image_token_id] * len(processed.mm_items)
         return processed
 
     def _implicit(self, prompt: dict) -> dict:
