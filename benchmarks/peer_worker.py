@@ -37,9 +37,9 @@ def load_workload(path: str):
 
 
 def build_hark(args):
+    from hark import LLM, SamplingParams    # before torch: hark sets its OpenMP wait policy first
     import torch
     torch.set_num_threads(args.threads)
-    from hark import LLM, SamplingParams
     # caches off: every round repeats the same prompts, which would otherwise skip their prefill
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

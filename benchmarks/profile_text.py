@@ -9,6 +9,7 @@ import pstats
 import tempfile
 import time
 
+import hark  # noqa: F401  (before torch: hark sets its OpenMP wait policy)
 import torch
 
 from vllm_cpu import build_text, text_workload

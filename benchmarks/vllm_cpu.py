@@ -127,7 +127,7 @@ class Worker:
         self.log = open(log_path, "w")
         self.start = time.time()
         self.proc = subprocess.Popen([python, WORKER] + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, env=env, text=True, cwd=ROOT)
+                                     stderr=self.log, env=env, text=True, cwd=ROOT, start_new_session=True)
         self.messages: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.rss = TreeRss(self.proc.pid)
@@ -151,6 +151,13 @@ class Worker:
     def send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        """Ends the worker and whatever it started (vLLM's engine core), if it is still running."""
+        try:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
 
     def finish(self) -> tuple[float, float]:
         """(peak RSS of the largest process, peak summed RSS of the tree), MiB."""
@@ -181,8 +188,16 @@ def run_workload(name: str, model: str, workload_path: str, engines: dict, args,
     argv = ["--model", model, "--workload", workload_path, "--threads", str(args.threads), "--dtype", args.dtype]
     if name == "audio":
         argv.append("--audio")
+    workers: dict[str, Worker] = {}
+    try:
+        return run_rounds(name, argv, engines, args, folder, workers)
+    finally:
+        for worker in workers.values():
+            worker.kill()
+
+
+def run_rounds(name: str, argv: list[str], engines: dict, args, folder: str, workers: dict) -> dict:
     results = {}
-    workers = {}
     for engine, python in engines.items():
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
         if engine == "vllm":
@@ -195,11 +210,10 @@ def run_workload(name: str, model: str, workload_path: str, engines: dict, args,
                 env["LD_PRELOAD"] = ":".join(preload)
         log_path = os.path.join(folder, f"{name}-{engine}.log")
         print(f"  starting {engine} ({load()}); log {log_path}", flush=True)
-        worker = Worker(engine, python, ["--engine", engine] + argv, env, log_path)
+        worker = workers[engine] = Worker(engine, python, ["--engine", engine] + argv, env, log_path)
         ready = worker.expect("ready")
         warm = worker.expect("warm")
         results[engine] = {"startup": ready["time"] - worker.start, "warm": warm["seconds"], "rounds": [], "loads": []}
-        workers[engine] = worker
     for r in range(args.rounds):
         for engine, worker in workers.items():
             results[engine]["loads"].append(os.getloadavg()[0])
