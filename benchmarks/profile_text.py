@@ -9,7 +9,7 @@ import pstats
 import tempfile
 import time
 
-import hark  # noqa: F401  (before torch: hark sets its OpenMP wait policy)
+from hark import LLM, SamplingParams      # before torch: hark sets its OpenMP wait policy
 import torch
 
 from vllm_cpu import build_text, text_workload
@@ -26,7 +26,6 @@ def main():
     path = tempfile.mkdtemp(prefix="hark-profile-")
     build_text(path, 6, 32000)
     requests = text_workload(args.requests, 32000)
-    from hark import LLM, SamplingParams
     llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False)
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
     params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in requests]

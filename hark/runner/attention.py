@@ -7,14 +7,20 @@ benchmarks/audio_chat.py, Python loop included (and, on 24 decodes of 40-500 pos
 matmul over the padded gather, or block-diagonal queries against all KV heads at once, cost as
 much CPU time as the loop: the padding doubles the keys). The decode loop runs on one thread: each
 of its calls is too small to share, and on 2 cores two threads made every one of them a fork and
-a join (1.65 ms a layer against 0.96 ms on one thread, 24 decodes). A GPU backend (FlashAttention
-/ Triton) would implement the same `paged_attention` signature.
+a join (1.65 ms a layer against 0.96 ms on one thread, 24 decodes).
+
+A backend is `build_metadata(seqs)` (the step record's scheduled sequences -> its metadata, shared by
+every layer of one forward) and `forward(q, k, v, k_cache, v_cache, meta, scale)`. Models call
+`meta.backend.forward`, so a GPU backend (FlashAttention / Triton, with metadata of its own) fits
+without touching them. `SDPABackend` is the CPU one.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from hark.step import ScheduledSequence
 
 
 @dataclass
@@ -27,6 +33,7 @@ class AttentionMetadata:
     encoder_states: list[torch.Tensor] | None = None
     cross_caches: list[dict] | None = None
     output_rows: torch.Tensor | None = None  # rows whose hidden state the forward returns (None: all)
+    backend: object = field(default_factory=lambda: SDPABackend, repr=False)   # whose forward the models call
     # Precomputed by prepare(): shared by every layer of one forward.
     decodes: list[tuple[int, int, torch.Tensor]] = field(default_factory=list, repr=False)  # (row, ctx, blocks)
     prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
@@ -103,3 +110,26 @@ def one_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class SDPABackend:
+    """The CPU backend: PyTorch SDPA per sequence over its own blocks (paged_attention above)."""
+    forward = staticmethod(paged_attention)
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+
+    def build_metadata(self, seqs: list[ScheduledSequence]) -> AttentionMetadata:
+        bs = self.block_size
+        slots, query_start, context_lens, tables = [], [0], [], []
+        for seq in seqs:
+            start, end = seq.start, seq.start + len(seq.token_ids)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + end - start)
+            context_lens.append(end)
+            tables.append(torch.tensor(table, dtype=torch.long))
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), query_start=query_start,
+            context_lens=context_lens, block_tables=tables, block_size=bs, backend=self).prepare()
