@@ -211,7 +211,7 @@ def test_whisper_beams_match_transformers(whisper, width, length_penalty):
 
 
 def test_whisper_beams_share_cross_attention(whisper):
-    """The beams of a window read one row of cross-attention K/V: the stack has a row per window."""
+    """The beams of a window read one slot of cross-attention K/V: the pool has a slot per window."""
     _, llm, clips = whisper
     engine = llm.llm_engine
     for clip in clips[:2]:
@@ -222,8 +222,8 @@ def test_whisper_beams_share_cross_attention(whisper):
     while engine.has_unfinished_requests():
         engine.step()
         for request in engine.requests.values():
-            if len(request.seqs) > 1 and "stack" in request.cross_cache:
-                rows.add(len(request.cross_cache["stack"].members))
+            if len(request.seqs) > 1:
+                rows.add(len(engine.model.cross_kv.uids))
     assert rows and max(rows) <= 2
 
 

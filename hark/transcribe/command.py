@@ -221,7 +221,8 @@ def run_transcribe(args) -> int:
         return 1
 
     from hark.llm import LLM
-    llm = LLM(model=args.model, num_threads=args.threads, max_num_seqs=MAX_NUM_SEQS)
+    # MAX_NUM_SEQS windows at once, each with its beams (faster-whisper batched: 8 windows x 5 beams)
+    llm = LLM(model=args.model, num_threads=args.threads, max_num_seqs=MAX_NUM_SEQS * options["beam_size"])
     order = sorted(inputs)
     progress = ProgressBar(always=len(order) > 1)
     try:
