@@ -256,8 +256,8 @@ class LLMEngine:
                 moved[id(seq.request)] = seq.request
         beam_rows = [r for r, i in enumerate(result.sample_rows) if batch.seqs[i].request.beam is not None]
         if beam_rows:
-            for request in self._step_beams([batch.seqs[result.sample_rows[r]] for r in beam_rows],
-                                            result.logits[beam_rows]):
+            beam_logits = result.logits if len(beam_rows) == len(result.sample_rows) else result.logits[beam_rows]
+            for request in self._step_beams([batch.seqs[result.sample_rows[r]] for r in beam_rows], beam_logits):
                 moved[id(request)] = request
         outputs = []
         for request in moved.values():
