@@ -6,7 +6,7 @@ from torch import nn
 
 from hark.models.layers import Linear, RMSNorm, RotaryEmbedding, SiluGatedMLP
 from hark.models.weights import WeightLoader
-from hark.runner.attention import AttentionMetadata, paged_attention
+from hark.runner.attention import AttentionMetadata
 
 
 class Attention(nn.Module):
@@ -30,7 +30,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = meta.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         if rows is not None:
             o = o[rows]
         return self.o_proj(o.flatten(1))
