@@ -18,6 +18,9 @@ words are scored). WER is on Whisper's English normalization. A 1 s clip measure
 whisper.cpp runs through pywhispercpp from its own virtual environment (--whispercpp-python, default
 /work/peers/whispercpp/bin/python; `python -m venv DIR && DIR/bin/pip install pywhispercpp`); it is
 skipped with a note when that is missing. `hark-beam5` runs only where `hark transcribe` has --beam-size.
+`hark` prints text, which it decodes without timestamp tokens (faster-whisper batched's default);
+`hark-timestamps` decodes with them, as for subtitles. Use --rounds 3 on a shared machine (the fastest
+run of each system counts) and look at `uptime`: two threads stall when other jobs hold a core.
 """
 import argparse
 import glob
@@ -202,7 +205,8 @@ def main():
     t = args.threads
     fw = lambda batch, beam: [sys.executable, "-c", FASTER_WHISPER, model_path, "{file}", str(t), str(batch), str(beam)]
     systems = {
-        "hark": hark_command(t),
+        "hark": hark_command(t),                                      # text output: no timestamp tokens
+        "hark-timestamps": hark_command(t, "--timestamps"),           # timestamp tokens (srt's decode)
         "hark-no-fallback": hark_command(t, "--temperature", "0"),
         "hark-beam5": hark_command(t, "--beam-size", "5"),
         "hark-quiet": hark_command(t, "--split", "quiet"),            # windows cut at quiet points, not VAD
@@ -256,6 +260,9 @@ def main():
             if name != "fw-batched":
                 print(f"  {name:20s} speed ×{base['wall_s'] / r['wall_s']:.2f}  WER {r['wer'] - base['wer']:+.2f} points  "
                       f"RSS ×{r['rss_mib'] / base['rss_mib']:.2f}  1 s clip ×{base['start_up_s'] / r['start_up_s']:.2f}")
+    if "hark" in results and "hark-beam5" in results:
+        print(f"hark-beam5 / hark wall ×{results['hark-beam5']['wall_s'] / results['hark']['wall_s']:.2f}  "
+              f"WER {results['hark-beam5']['wer'] - results['hark']['wer']:+.2f} points")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"audio_s": duration, **info, "threads": t, "notes": notes, "results": results}, f, indent=2)

@@ -100,6 +100,22 @@ def test_speech_regions_skip_the_silence_between_clips():
     assert split_on_speech(np.zeros(5 * 16000, np.float32), 16000) == []
 
 
+def test_sequence_vad_finds_the_streaming_models_regions(speech):
+    """The batched sequence model hark runs gives silero's streaming model's regions (frame by frame,
+    its LSTM state carried in Python), with the background noise and pauses of real speech."""
+    import torch
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    threads = torch.get_num_threads()
+    streaming = load_silero_vad(onnx=True)
+    torch.set_num_threads(threads)
+    noisy = speech + np.random.default_rng(0).normal(0, 0.01, len(speech)).astype(np.float32)
+    for audio in (speech, noisy):
+        expected = get_speech_timestamps(torch.from_numpy(audio), streaming, sampling_rate=16000)
+        assert len(expected) > 3
+        assert speech_regions(audio, 16000) == [(s["start"], s["end"]) for s in expected]
+
+
 def test_speech_regions_at_other_rates_map_back_to_input_samples(speech):
     at_44k = load_audio((speech, 16000), target_sr=44100)
     regions_16k = speech_regions(speech, 16000)

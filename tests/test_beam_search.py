@@ -211,7 +211,7 @@ def test_whisper_beams_match_transformers(whisper, width, length_penalty):
 
 
 def test_whisper_beams_share_cross_attention(whisper):
-    """The beams of a window read one row of cross-attention K/V: the stack has a row per window."""
+    """The beams of a window read one slot of cross-attention K/V: the pool has a slot per window."""
     _, llm, clips = whisper
     engine = llm.llm_engine
     for clip in clips[:2]:
@@ -222,9 +222,8 @@ def test_whisper_beams_share_cross_attention(whisper):
     while engine.has_unfinished_requests():
         engine.step()
         for request in engine.requests.values():
-            cross_cache = engine.executor.runner.requests[request.request_id].cross_cache
-            if len(request.seqs) > 1 and "stack" in cross_cache:
-                rows.add(len(cross_cache["stack"].members))
+            if len(request.seqs) > 1:
+                rows.add(len(engine.executor.model.cross_kv.uids))
     assert rows and max(rows) <= 2
 
 

@@ -56,6 +56,20 @@ def test_decode_option_flags():
     assert exit.value.code == 2
 
 
+def test_timestamp_tokens_only_where_the_output_shows_times():
+    from hark.transcribe.command import _options
+
+    def timestamps(*argv):
+        return _options(build_parser().parse_args(["transcribe", *argv, "x.wav"]))["timestamps"]
+
+    assert not timestamps() and not timestamps("--format", "json")          # text: faster-whisper batched's way
+    assert timestamps("--timestamps") and timestamps("--format", "srt") and timestamps("--format", "verbose_json")
+    assert timestamps("--format", "all", "--output-dir", "o") and timestamps("--word-timestamps")
+    assert not timestamps("--format", "srt", "--no-timestamps")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["transcribe", "--timestamps", "--no-timestamps", "x.wav"])
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

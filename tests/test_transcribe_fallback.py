@@ -88,6 +88,23 @@ def test_end_to_end_fallback_is_cheaper_with_the_guard(llm, gibberish):
     assert all(s.compression_ratio <= 2.4 for s in result.segments)
 
 
+def test_when_every_temperature_fails_the_likeliest_decode_is_kept(llm):
+    """faster-whisper's rule: all decodes fail the gates (no average log-probability reaches 0), so the
+    window keeps the one with the best average log-probability of those that do not loop, not the last."""
+    clip = sf.read(WAVS[0], dtype="float32")[0]
+    engine = llm.llm_engine
+    run = TranscriptionRun(engine, [clip], TranscriptionOptions(temperature=(0, 0.6, 1.0), best_of=2,
+                                                                logprob_threshold=0.0, no_speech_threshold=None))
+    follow = run.start()
+    window = follow[0].window
+    while follow:
+        follow = run.finish([(d, decode(engine, d)) for d in follow])
+    assert [f.decode.temperature for f in window.failed] == [0.0, 0.6, 1.0]
+    best = max((f for f in window.failed if not f.looping), key=lambda f: f.decode.avg_logprob)
+    assert window.decode is best.decode and best.decode.temperature < 1.0
+    assert {s.temperature for s in run.results()[0].segments} == {best.decode.temperature}
+
+
 def repeated_ngrams(tokens, n):
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) - len(set(grams))

@@ -106,7 +106,11 @@ def test_paged_decoder_matches_transformers(checkpoint, features):
                 torch.testing.assert_close(logits[lo:hi], ref[i][done[i]:done[i] + added[i]], atol=1e-4, rtol=1e-4)
                 done[i] += added[i]
     assert done == [12, 7, 5]
-    assert len(cross_caches[0]["stack"].layers) == 2  # cross K/V cached per layer, computed on first use
+    pool = model.cross_kv        # cross K/V cached per layer, computed on first use; only live requests hold slots
+    assert len(pool.keys) == 2 and pool.uids == [cross_caches[0]["ticket"].uid]
+    for cache in cross_caches:   # the requests end (the engine clears their caches): the pool lets go
+        cache.clear()
+    assert pool.keys == [] and pool.uids == []
 
 
 def test_decode_dense_matches_transformers(checkpoint, features):

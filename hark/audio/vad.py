@@ -2,20 +2,21 @@
 at most `max_clip_duration_s`, silence between chunks is dropped. Without silero-vad and
 onnxruntime it falls back to `split_audio`'s energy-based cuts.
 
-silero-vad runs its ONNX model (shipped in the pip package, no hub access) on onnxruntime with one
-thread: the TorchScript model is ~100x slower on two threads here, and torch's thread count is
-process-wide."""
+silero-vad runs its "sequence" ONNX model (shipped in the pip package since 6.2, no hub access) on
+onnxruntime with one thread: one call per 512 frames (16 s) instead of one per 32 ms frame, the same
+per-frame probabilities as the streaming model (the LSTM state is carried inside the call), so the
+same regions. On the 313 s conversation of benchmarks/whisper_cpu.py: 0.36 s against 0.97 s for the
+streaming ONNX model called frame by frame (its TorchScript model is ~100x slower on two threads)."""
 import functools
 import threading
 
 import numpy as np
 import soxr
-import torch
 
 from hark.audio.split import split_audio
 
-VAD_SAMPLE_RATES = (8000, 16000)
-_vad_lock = threading.Lock()  # the silero model keeps state between calls
+VAD_SAMPLE_RATE = 16000    # the sequence model's rate; other rates are resampled to it
+_vad_lock = threading.Lock()  # one onnxruntime session, shared
 
 
 def split_on_speech(audio: np.ndarray, sample_rate: int, max_clip_duration_s: float = 30.0) -> list[tuple[np.ndarray, float]]:
@@ -38,28 +39,33 @@ def split_on_speech(audio: np.ndarray, sample_rate: int, max_clip_duration_s: fl
 
 
 def speech_regions(audio: np.ndarray, sample_rate: int) -> list[tuple[int, int]] | None:
-    """[start, end) sample ranges of speech, or None when silero-vad or onnxruntime is missing."""
+    """[start, end) sample ranges of speech (silero-vad's default settings), or None when silero-vad
+    (≥ 6.2) or onnxruntime is missing."""
     vad = _load_silero()
     if vad is None:
         return None
-    model, get_speech_timestamps = vad
-    vad_rate = sample_rate if sample_rate in VAD_SAMPLE_RATES else 16000
+    model, timestamps_from_probs = vad
+    vad_rate = VAD_SAMPLE_RATE
     vad_audio = audio if vad_rate == sample_rate else soxr.resample(audio, sample_rate, vad_rate)
+    vad_audio = np.ascontiguousarray(vad_audio, np.float32).reshape(-1)
     with _vad_lock:
-        stamps = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(vad_audio, np.float32)), model, sampling_rate=vad_rate)
+        probs = model.audio_forward(vad_audio, sampling_rate=vad_rate)
+    stamps = timestamps_from_probs(probs, sampling_rate=vad_rate, audio_length_samples=len(vad_audio))
     scale = sample_rate / vad_rate
     return [(round(s["start"] * scale), min(len(audio), round(s["end"] * scale))) for s in stamps]
 
 
 @functools.cache
 def _load_silero():
-    """The silero-vad ONNX model and its timestamp function, or None."""
-    threads = torch.get_num_threads()  # importing silero_vad sets torch to one thread
+    """silero-vad's sequence model (16 kHz) and its timestamp rule, or None."""
     try:
-        from silero_vad import get_speech_timestamps, load_silero_vad
-
-        return load_silero_vad(onnx=True), get_speech_timestamps
-    except ImportError:
+        import torch
+        threads = torch.get_num_threads()  # importing silero_vad sets torch to one thread
+        try:
+            from silero_vad import load_silero_vad
+            from silero_vad.utils_vad import get_speech_timestamps_from_probs
+            return load_silero_vad(sequence=True), get_speech_timestamps_from_probs
+        finally:
+            torch.set_num_threads(threads)
+    except (ImportError, TypeError):     # no silero-vad / onnxruntime, or a silero-vad before 6.2
         return None
-    finally:
-        torch.set_num_threads(threads)

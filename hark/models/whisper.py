@@ -3,13 +3,11 @@
 The encoder is the audio LLMs' one (`whisper_encoder.py`), over whole 30 s log-mel windows
 ([B, n_mels, 3000] -> [B, 1500, D]). The
 decoder's self-attention uses the paged KV cache; its cross-attention K/V are computed once per
-request from that request's encoder output, kept in the request's cross cache and stacked over
-the step's batch (`cross_keys_values`).
+request from that request's encoder output and kept in the model's slot pool (whisper_cross_kv.py),
+where a step's requests are one view (`cross_keys_values`).
 `decode_dense` runs the decoder without a cache for the transcription pipeline (language
 detection, no-speech probability, word-timestamp alignment heads).
 """
-import itertools
-from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from hark.inputs import MultiModalItem
 from hark.models.layers import Linear
 from hark.models.weights import WeightLoader
+from hark.models.whisper_cross_kv import CrossKVPool, CrossRows
 from hark.models.whisper_encoder import WhisperAudioEncoder
 from hark.runner.attention import AttentionMetadata
 
@@ -114,44 +113,6 @@ class CrossAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).flatten(2)), weights
 
 
-_cross_cache_uids = itertools.count()   # tells request cross caches apart (ids of dead dicts get reused)
-
-
-@dataclass
-class CrossKVStack:
-    """Cross-attention K/V of a batch of requests, stacked per decoder layer: K, V [R, H, S_enc, Dh]."""
-    members: tuple[int, ...]                          # the uid of each row's request cross cache
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    index: dict[int, int] = field(init=False)         # uid -> row
-
-    def __post_init__(self):
-        self.index = {uid: r for r, uid in enumerate(self.members)}
-
-    def row(self, uid: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.index[uid]
-        k, v = self.layers[layer]
-        return k[r], v[r]
-
-
-@dataclass
-class CrossRows:
-    """Where each sequence of a step finds its request's cross-attention K/V in a CrossKVStack: row
-    rows[i], and query slot slots[i] of that row (beams of one request share a row, one slot each)."""
-    row_list: list[int]
-    rows: torch.Tensor
-    slots: torch.Tensor
-    width: int                  # slots per row: the most sequences sharing one row
-
-    @classmethod
-    def of(cls, row_list: list[int]) -> "CrossRows":
-        seen: dict[int, int] = {}
-        slots = []
-        for r in row_list:
-            slots.append(seen.get(r, 0))
-            seen[r] = slots[-1] + 1
-        return cls(row_list, torch.tensor(row_list), torch.tensor(slots), max(seen.values()))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -201,6 +162,7 @@ class WhisperForConditionalGeneration(nn.Module):
         self.head_dim = config.d_model // config.decoder_attention_heads
         self.num_frames = 2 * config.max_source_positions  # mel frames per 30 s window
         self.max_positions = config.max_target_positions  # decoder tokens
+        self.cross_kv = CrossKVPool()       # the running requests' cross-attention K/V
 
     def kv_attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.decoder.layers]
@@ -233,58 +195,23 @@ class WhisperForConditionalGeneration(nn.Module):
         """Packed decoder tokens [T] at `positions` -> hidden of `meta.output_rows` (all when None)."""
         x = self.get_input_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         x = x + self.decoder.embed_positions(positions)
-        stack, rows = self.cross_keys_values(meta, x.dtype)
-        for layer, cross_kv in zip(self.decoder.layers, stack.layers):
+        cross, rows = self.cross_keys_values(meta, x.dtype)
+        for layer, cross_kv in zip(self.decoder.layers, cross):
             x = layer(x, meta, cross_kv, rows)
         if meta.output_rows is not None:
             x = x[meta.output_rows]
         return self.decoder.layer_norm(x)
 
-    def cross_keys_values(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple["CrossKVStack", CrossRows | None]:
-        """The cross-attention K/V of this step's requests: a stack with one row per request, and the row
-        of each sequence in it (None: row i for sequence i). The beams of a request share its row.
+    def cross_keys_values(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[
+            list[tuple[torch.Tensor, torch.Tensor]], CrossRows | None]:
+        """The cross-attention K/V of this step's requests, per layer [n, H, S_enc, Dh] over the live
+        slots of the model's pool (whisper_cross_kv.py), and the slot of each sequence (None: slot i for
+        sequence i). The beams of a request share its slot. A request's K/V are computed at its first step."""
+        def compute(states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            states = states.to(dtype)
+            return [layer.encoder_attn.keys_values(states) for layer in self.decoder.layers]
 
-        A request's K/V are computed at its first step. The requests of a step share one stack, kept
-        in their cross caches, which is rebuilt only when a request joins or when more than half its
-        rows belong to finished requests: a transcription batch rebuilds it a few times in a hundred
-        steps. Stacking every step copies all K/V every step; one SDPA call per sequence measured
-        1.3x (1 thread) to 5x (2 threads) slower than one call over the stack.
-        """
-        caches = meta.cross_caches
-        for cache in caches:
-            if "uid" not in cache:
-                cache["uid"] = next(_cross_cache_uids)
-        members = tuple(c["uid"] for c in caches)
-        unique = list({c["uid"]: c for c in caches}.values())       # one cache per request, in order
-        uids = tuple(c["uid"] for c in unique)
-        stack = caches[0].get("stack")
-        reusable = stack is not None and 2 * len(uids) > len(stack.members) and all(u in stack.index for u in uids)
-        if not reusable:
-            stack = self._build_stack(meta, unique, dtype)
-        if stack.members == members:
-            return stack, None
-        return stack, CrossRows.of([stack.index[u] for u in members])
-
-    def _build_stack(self, meta: AttentionMetadata, caches: list[dict], dtype: torch.dtype) -> "CrossKVStack":
-        """A stack over caches (one per request): K/V computed for requests at their first step, rows
-        of their current stack for the others."""
-        states_of = {c["uid"]: state for c, state in zip(meta.cross_caches, meta.encoder_states)}
-        fresh = {j: n for n, j in enumerate(j for j, c in enumerate(caches) if "stack" not in c)}
-        if fresh:
-            states = torch.stack([states_of[caches[j]["uid"]] for j in fresh]).to(dtype)
-            computed = [layer.encoder_attn.keys_values(states) for layer in self.decoder.layers]
-        if len(fresh) == len(caches):
-            layers = computed
-        else:
-            def rows_of_layer(i):
-                for j, cache in enumerate(caches):
-                    yield (computed[i][0][fresh[j]], computed[i][1][fresh[j]]) if j in fresh else \
-                        cache["stack"].row(cache["uid"], i)
-            layers = [tuple(map(torch.stack, zip(*rows_of_layer(i)))) for i in range(len(self.decoder.layers))]
-        stack = CrossKVStack(tuple(c["uid"] for c in caches), layers)
-        for cache in caches:
-            cache["stack"] = stack
-        return stack
+        return self.cross_kv.layers(meta.cross_caches, meta.encoder_states, compute)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj_out(hidden).float()

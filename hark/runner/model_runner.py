@@ -219,5 +219,6 @@ class ModelRunner:
         beams = [r for r, i in enumerate(sample_rows) if seqs[i].num_candidates]
         if beams:
             k = max(seqs[sample_rows[r]].num_candidates for r in beams)
+            rows = logits if len(beams) == len(sample_rows) else logits[beams]     # no copy when all are beams
             out.beam_logprobs, out.beam_token_ids = sampler.beam_candidates(
-                logits[beams], [states[sample_rows[r]] for r in beams], self.eos_token_ids, k)
+                rows, [states[sample_rows[r]] for r in beams], self.eos_token_ids, k)

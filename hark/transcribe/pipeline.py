@@ -67,6 +67,14 @@ class Window:
     final: bool = False                   # decoded for good: segments (and tail) are set
     tail: "Window | None" = None          # the audio after the last finished segment, when the decode stopped early
     segments: list[Segment] = field(default_factory=list)
+    failed: list["FailedDecode"] = field(default_factory=list)   # decodes that failed the quality gates
+
+
+@dataclass
+class FailedDecode:
+    decode: WindowDecode
+    token_logprobs: list[float] | None
+    looping: bool               # compresses too well, or the guard ended it in a loop
 
 
 @dataclass(eq=False)
@@ -230,13 +238,19 @@ class TranscriptionRun:
                                   request.probe.prob if request.probe else w.no_speech_prob)
         w.token_logprobs = None if completion.logprobs is None else [
             lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
-        if request.attempt + 1 == len(opts.temperature):
-            return True
         # A sample the guard ended (it loops, or its text compresses too well) fails, unless the window
         # is silence.
-        if request.guard is not None and request.guard.doomed(completion.token_ids) and not is_silence(w.decode, opts):
+        doomed = request.guard is not None and request.guard.doomed(completion.token_ids)
+        if not (doomed and not is_silence(w.decode, opts)) and not needs_fallback(w.decode, opts):
+            return True
+        w.failed.append(FailedDecode(w.decode, w.token_logprobs, doomed or _looping(w.decode, opts)))
+        if request.attempt + 1 < len(opts.temperature):
             return False
-        return not needs_fallback(w.decode, opts)
+        # Every temperature failed: faster-whisper's choice, the likeliest decode (avg_logprob) of those
+        # that do not loop, else of all (openai-whisper keeps the last, hottest one).
+        best = max([f for f in w.failed if not f.looping] or w.failed, key=lambda f: f.decode.avg_logprob)
+        w.decode, w.token_logprobs = best.decode, best.token_logprobs
+        return True
 
     def _finalize(self, w: Window) -> list[Window]:
         """Segments from the window's decode; returns its tail, if it has one, as a new window."""
@@ -347,6 +361,10 @@ class TranscriptionRun:
                         temperature=d.temperature, avg_logprob=d.avg_logprob, compression_ratio=d.compression_ratio,
                         no_speech_prob=d.no_speech_prob)
                 for timed in split_segments(d.tokens, self.vocab, w.duration)]
+
+
+def _looping(d: WindowDecode, opts: TranscriptionOptions) -> bool:
+    return opts.compression_ratio_threshold is not None and d.compression_ratio > opts.compression_ratio_threshold
 
 
 def _likelihood(completion: CompletionOutput) -> float:
