@@ -13,6 +13,7 @@ from hark.engine.kv_cache import KVCacheManager
 from hark.engine.request import Request, Sequence, SequenceStatus
 from hark.engine.scheduler import Scheduler
 from hark.engine.structured_output import StructuredOutputs
+from hark.distributed.tensor_parallel import WorkerGroup, copy_blocks_on_every_rank
 from hark.inputs import ProcessedPrompt
 from hark.lora.adapter import LoRAAdapter
 from hark.lora.manager import LoRAManager
@@ -31,8 +32,9 @@ class LLMEngine:
         self.config = config
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        group = WorkerGroup.start(config) if config.tensor_parallel_size > 1 else None
         self.loaded = load_model(config)
-        self.model = self.loaded.model
+        self.model = self.loaded.model if group is None else group.attach(self.loaded.model)
         self.tokenizer = self.loaded.tokenizer
         self.processor = self.loaded.processor
         if hasattr(self.processor, "configure"):        # audio limits, media policy, mm embeds
@@ -61,6 +63,8 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV memory.")
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, bs, dtype, device, config.encoder_cache_bytes)
+        if group is not None:
+            self.runner.copy_blocks = copy_blocks_on_every_rank(self.runner.copy_blocks, self.model)
         self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras or config.max_loras
                                 ) if config.enable_lora else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -397,6 +401,11 @@ class LLMEngine:
         shown = h.token_ids if h.finish_reason != "stop" or params.include_stop_str_in_output else h.token_ids[:-1]
         text = self.detokenizer.decode(shown, params.skip_special_tokens)
         return CompletionOutput(index, text, h.token_ids, h.cum_logprob, h.logprobs, h.finish_reason, h.stop_reason)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel worker ranks (nothing to do on one rank)."""
+        if hasattr(self.model, "shutdown"):
+            self.model.shutdown()
 
     # --- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
