@@ -123,9 +123,9 @@ class WorkerGroup:
             if not p.is_alive():
                 self._fail(rank)
 
-    def send(self, name: str, args: tuple) -> None:
+    def send(self, name: str, args: tuple, kwargs: dict | None = None) -> None:
         self.check()
-        data = pickle.dumps((name, to_cpu(args)), protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps((name, to_cpu(args), to_cpu(kwargs or {})), protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 conn.send_bytes(data)
@@ -149,7 +149,7 @@ class WorkerGroup:
         if self.closed:
             return
         self.closed = True
-        stop = pickle.dumps(("stop", ()))
+        stop = pickle.dumps(("stop", (), {}))
         for conn in self.conns:
             try:
                 conn.send_bytes(stop)
@@ -189,9 +189,9 @@ class ShardedModel:
     def __getattr__(self, name):
         attr = getattr(self.model, name)
         if name in COLLECTIVE_CALLS:
-            def call(*args):
-                self.group.send(name, args)
-                return self._run(attr, *args)
+            def call(*args, **kwargs):
+                self.group.send(name, args, kwargs)
+                return self._run(attr, *args, **kwargs)
             return call
         return attr
 

@@ -29,14 +29,14 @@ class Worker:
         self.cross_caches: dict[int, dict] = {}
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def run(self, name: str, args: tuple):
-        args = to_device(args, self.device)
+    def run(self, name: str, args: tuple, kwargs: dict):
+        args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
         with torch.inference_mode():
             if name == "forward":
                 return self.forward(*args)
             if name == "copy_blocks":
                 return self.copy_blocks(*args)
-            return getattr(self.model, name)(*args)
+            return getattr(self.model, name)(*args, **kwargs)
 
     def forward(self, record: ForwardRecord) -> None:
         if tuple(self.k_cache.shape) != record.cache_shape:
@@ -72,12 +72,12 @@ def main(rank: int, world: int, init_method: str, config, conn, timeout_s: float
         conn.send(("ready",))
         while True:
             try:
-                name, args = pickle.loads(conn.recv_bytes())
+                name, args, kwargs = pickle.loads(conn.recv_bytes())
             except EOFError:                # rank 0 is gone
                 break
             if name == "stop":
                 break
-            worker.run(name, args)
+            worker.run(name, args, kwargs)
     except BaseException as e:          # noqa: BLE001 — reported to rank 0, which raises it
         try:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
