@@ -183,3 +183,55 @@ def test_killed_worker_is_reported_and_the_next_llm_starts(qwen2_ckpt):
         llm = LLM(path, tensor_parallel_size=2)     # a fresh group after a failed one
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)] == expected
         shut_down(llm)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def test_hark_serve_tensor_parallel_size_2(qwen2_ckpt):
+    """`hark serve --tensor-parallel-size 2` answers as one rank does; SIGTERM stops both ranks."""
+    import subprocess
+    import sys
+    import httpx
+    from hark.distributed.state import free_port
+    path = qwen2_ckpt[0]
+    want = LLM(path).generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hark.cli", "serve", path, "--port", str(port),
+                             "--served-model-name", "tiny", "--tensor-parallel-size", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        got = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                         "temperature": 0}, timeout=60).json()
+        assert got["choices"][0]["text"] == want
+        ranks = children(proc.pid)
+        assert ranks                         # the worker rank (and multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)   # uvicorn re-raises the signal once drained
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                  for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}")
+                    and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

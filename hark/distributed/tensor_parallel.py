@@ -35,8 +35,9 @@ _active: "weakref.ref[WorkerGroup] | None" = None
 
 
 class WorkerGroup:
-    def __init__(self, world: int, procs, conns):
+    def __init__(self, world: int, procs, conns, threads_before: int):
         self.world, self.procs, self.conns = world, procs, conns
+        self.threads_before = threads_before       # rank 0's torch threads, given back on shutdown
         self.error: str | None = None
         self.closed = False
 
@@ -50,7 +51,7 @@ class WorkerGroup:
         device = config.torch_device()
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; {torch.cuda.device_count()} are visible.")
-        threads = state.threads_per_rank(world)
+        threads, threads_before = state.threads_per_rank(world), torch.get_num_threads()
         torch.set_num_threads(threads)
         init_method = f"tcp://127.0.0.1:{state.free_port()}"
         ctx = mp.get_context("spawn")
@@ -63,7 +64,7 @@ class WorkerGroup:
             there.close()
             procs.append(p)
             conns.append(here)
-        group = cls(world, procs, conns)
+        group = cls(world, procs, conns, threads_before)
         _active = weakref.ref(group)
         atexit.register(group.shutdown)
         try:
@@ -163,6 +164,7 @@ class WorkerGroup:
         for conn in self.conns:
             conn.close()
         state.destroy()
+        torch.set_num_threads(self.threads_before)
 
 
 def to_cpu(obj):
@@ -203,13 +205,16 @@ class ShardedModel:
         return self._run(self.model, input_ids, positions, meta, inputs_embeds=inputs_embeds)
 
     def _run(self, fn, *args, **kwargs):
+        """fn on rank 0, the workers running the same call. When it raises, the ranks may be at different
+        collectives: the group is unusable from then on."""
         try:
             return fn(*args, **kwargs)
-        except RuntimeError as e:
-            if self.group.error is None and "gloo" not in str(e).lower() and "nccl" not in str(e).lower() \
-                    and all(p.is_alive() for p in self.group.procs):
-                raise
-            self.group.collective_failed(e)
+        except Exception as e:
+            text = str(e).lower()
+            if "gloo" in text or "nccl" in text or not all(p.is_alive() for p in self.group.procs):
+                self.group.collective_failed(e)
+            self.group.error = f"rank 0 raised {type(e).__name__} in a call the workers ran too"
+            raise
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Beam-search KV copy-on-write on the workers' caches (the runner copies rank 0's)."""
