@@ -235,3 +235,20 @@ def test_hark_serve_tensor_parallel_size_2(qwen2_ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_builtin_whisper_tiny_en_transcribes_as_one_rank():
+    """The real tiny.en (CTranslate2 weights, 6 heads -> 3 per rank): the transcription pipeline's
+    paged decoding, dense decoder (word timestamps from gathered alignment heads) and beam search."""
+    clip = sorted(glob.glob(os.path.join(DATA, "*.wav")))[1]
+    one = LLM()
+    want = one.transcribe(clip, word_timestamps=True)
+    want_beam = one.transcribe(clip, beam_size=5).text
+    with time_limit(300):
+        llm = LLM(tensor_parallel_size=2)
+        got = llm.transcribe(clip, word_timestamps=True)
+        got_beam = llm.transcribe(clip, beam_size=5).text
+        shut_down(llm)
+    assert got.text == want.text and "young man" in got.text
+    assert [(w.word, w.start, w.end) for w in got.words] == [(w.word, w.start, w.end) for w in want.words]
+    assert got_beam == want_beam
