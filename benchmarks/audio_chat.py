@@ -102,7 +102,7 @@ def questions_about_one_clip(path, spec, caches: bool, dtype: str):
             prompt = {"prompt": spec.placeholder + q + spec.suffix, "multi_modal_data": {"audio": clip}}
             out = llm.generate(prompt, params, use_tqdm=False)[0]
             cached += out.num_cached_tokens
-    return t.seconds, llm.llm_engine.runner.encoder_items, cached
+    return t.seconds, llm.llm_engine.stats()["encoder_items"], cached
 
 
 def bench(name: str, args) -> None:

@@ -1,12 +1,13 @@
-"""What a prompt becomes once processed: token ids plus the audio items it carries."""
+"""What a prompt becomes once processed: token ids plus the multimodal items (audio, images, video) it carries."""
 from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
-class AudioItem:
-    features: torch.Tensor      # what the model's embed_audio needs, e.g. log-mel [n_mels, n_frames]
+class MultiModalItem:
+    """One audio clip (or 30 s chunk of one), image or video of a prompt, as its model's encoder takes it."""
+    features: torch.Tensor      # what the model's embed_multimodal needs, e.g. log-mel [n_mels, n_frames]
     num_frames: int             # valid mel frames (the rest is padding)
     hash: str                   # content hash, or the user's uuid for the item
     num_embeds: int             # placeholder tokens this item occupies in the prompt (0 for Whisper)
@@ -22,7 +23,7 @@ class AudioItem:
 @dataclass
 class ProcessedPrompt:
     prompt_token_ids: list[int]
-    audio_items: list[AudioItem] = field(default_factory=list)
+    mm_items: list[MultiModalItem] = field(default_factory=list)
     placeholder_offsets: list[int] = field(default_factory=list)
     encoder_prompt_token_ids: list[int] | None = None
     prompt: str | None = None

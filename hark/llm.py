@@ -5,6 +5,7 @@ import torch
 
 from hark.engine.engine import LLMEngine
 from hark.engine_args import EngineArgs
+from hark.executor import Executor
 from hark.lora.request import LoRARequest
 from hark.outputs import RequestOutput
 from hark.beam_search import BeamSearchOutput, BeamSearchSequence
@@ -27,7 +28,7 @@ class LLM:
         args = EngineArgs.from_kwargs(model=model, **kwargs)
         if args.num_threads is not None:
             set_num_threads(args.num_threads)
-        self.llm_engine = LLMEngine(args.engine_config())
+        self.llm_engine = LLMEngine(args.engine_config(), Executor)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

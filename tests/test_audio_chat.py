@@ -64,7 +64,7 @@ def test_voice_chat_multi_turn_reuses_encoder_and_prefix(ckpt):
     turn2 = turn1 + [{"role": "assistant", "content": first.outputs[0].text},
                      {"role": "user", "content": [{"type": "text", "text": "say more"}]}]
     second = llm.chat(turn2, GREEDY, use_tqdm=False)[0]
-    assert llm.llm_engine.runner.encoder_items == 1
+    assert llm.llm_engine.executor.runner.encoder_items == 1
     assert second.num_cached_tokens >= 200                          # the system prompt and 200 audio tokens
 
 
@@ -79,7 +79,7 @@ def test_audio_url_data_and_file(ckpt):
     outs = llm.chat([[{"role": "user", "content": [file_part]}], [{"role": "user", "content": [data_part]}]],
                     GREEDY, use_tqdm=False)
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids      # same audio either way
-    assert llm.llm_engine.runner.encoder_items == 1
+    assert llm.llm_engine.executor.runner.encoder_items == 1
     closed = LLM(path)
     with pytest.raises(ValueError, match="file: media URLs are disabled"):
         closed.chat([{"role": "user", "content": [file_part]}], GREEDY, use_tqdm=False)
@@ -93,8 +93,8 @@ def test_audio_embeds_part(ckpt):
     llm = LLM(path, enable_mm_embeds=True)
     engine = llm.llm_engine
     clip = (speech(4.0), 16000)
-    item = engine.process_prompt({"prompt": "<|AUDIO|>", "multi_modal_data": {"audio": clip}}).audio_items[0]
-    embeds = engine.model.embed_audio([item])[0].detach()
+    item = engine.process_prompt({"prompt": "<|AUDIO|>", "multi_modal_data": {"audio": clip}}).mm_items[0]
+    embeds = engine.executor.model.embed_multimodal([item])[0].detach()
     buf = io.BytesIO()
     torch.save(embeds, buf)
     as_audio = llm.chat([{"role": "user", "content": [input_audio(4.0)]}], GREEDY, use_tqdm=False)[0]

@@ -116,9 +116,9 @@ def test_ultravox_matches_reference_at_any_length_and_rate(ultravox):
     for out, text, names in zip(outs, texts, PROMPTS):
         assert list(out.outputs[0].token_ids) == ref.generate(text, [at_16k(n) for n in names]), names
     for name in CLIPS:
-        items = engine.process_prompt({"prompt": "<|audio|>", "multi_modal_data": {"audio": clip(name)}}).audio_items
+        items = engine.process_prompt({"prompt": "<|audio|>", "multi_modal_data": {"audio": clip(name)}}).mm_items
         with torch.no_grad():
-            ours, theirs = torch.cat(engine.model.embed_audio(items)), ref.embed(at_16k(name))
+            ours, theirs = torch.cat(engine.executor.model.embed_multimodal(items)), ref.embed(at_16k(name))
         assert ours.shape == theirs.shape, name                   # ceil(ceil(samples / 160) / 16) embeddings
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     n_audio = [sum(t == ref.audio_token_id for t in o.prompt_token_ids) for o in outs]
@@ -139,7 +139,7 @@ def test_whisper_features_and_greedy_ids_match_transformers(checkpoint):  # noqa
     extracted = WhisperFeatureExtractor(feature_size=80)([at_16k(n) for n in WHISPER_CLIPS], sampling_rate=16000,
                                                          return_tensors="pt", return_attention_mask=True)
     for prompt, features, mask in zip(prompts, extracted.input_features, extracted.attention_mask):
-        (item,) = llm.llm_engine.process_prompt(prompt).audio_items
+        (item,) = llm.llm_engine.process_prompt(prompt).mm_items
         assert item.num_frames == int(mask.sum())                # ceil(samples / 160), as the attention mask
         torch.testing.assert_close(item.features, features, atol=1e-3, rtol=0)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)

@@ -222,8 +222,9 @@ def test_whisper_beams_share_cross_attention(whisper):
     while engine.has_unfinished_requests():
         engine.step()
         for request in engine.requests.values():
-            if len(request.seqs) > 1 and "stack" in request.cross_cache:
-                rows.add(len(request.cross_cache["stack"].members))
+            cross_cache = engine.executor.runner.requests[request.request_id].cross_cache
+            if len(request.seqs) > 1 and "stack" in cross_cache:
+                rows.add(len(cross_cache["stack"].members))
     assert rows and max(rows) <= 2
 
 
@@ -248,12 +249,12 @@ def whisper_beam_reference(engine, request, width: int, patience: float, length_
     from hark.transcribe.vocab import WhisperVocab
     eot = WhisperVocab.from_checkpoint(engine.tokenizer, engine.loaded.generation_config).eot
     prompt = list(request.processed.prompt_token_ids)
-    state = engine.runner.encode_audio([request.processed.audio_items[0]])[0]
+    state = engine.encode([request.processed.mm_items[0]])[0]
     beams, finished = [([], 0.0)], []          # (output tokens, sum logprob)
     max_finished = round(width * patience)
     for _ in range(request.params.max_tokens):
         ids = torch.tensor([prompt + out for out, _ in beams])
-        logits, _ = engine.model.decode_dense(state.expand(len(beams), *state.shape), ids)
+        logits, _ = engine.decode_dense(state.expand(len(beams), *state.shape), ids)
         candidates = []
         for (out, cum), row in zip(beams, logits[:, -1].float().clone()):
             for fn in request.params.logits_processors:

@@ -67,8 +67,8 @@ def test_embeddings_passed_as_audio_the_vllm_way(setup):
     engine = llm.llm_engine
     prompt = {"prompt": f"{PLACEHOLDER}q", "multi_modal_data": {"audio": (clip, 16000)}}
     want = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    item = engine.process_prompt(prompt).audio_items[0]
-    embeds = engine.model.embed_audio([item])[0].detach()          # [n, H]
+    item = engine.process_prompt(prompt).mm_items[0]
+    embeds = engine.executor.model.embed_multimodal([item])[0].detach()          # [n, H]
     for audio in (embeds[None], [embeds]):                          # [1, n, H] and a list of [n, H]
         out = llm.generate({"prompt": f"{PLACEHOLDER}q", "multi_modal_data": {"audio": audio}}, GREEDY,
                            use_tqdm=False)[0]

@@ -90,7 +90,7 @@ def test_greedy_matches_transformers(ckpt):
     expected = [reference(path, model, tok, text, [images[i] for i in idx]) for text, idx in CASES]
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert len(outs[2].prompt_token_ids) == len(tok.encode(CASES[2][0])) + 2 * (16 - 1)
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.encoder_items == 3                     # the astronaut is encoded once for two prompts
 
 

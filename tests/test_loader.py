@@ -23,8 +23,8 @@ def test_pytorch_bin_checkpoint_matches_safetensors(tmp_path, qwen2_ckpt):
 @pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
 def test_half_dtypes(qwen2_ckpt, dtype, torch_dtype):
     llm = LLM(qwen2_ckpt[0], dtype=dtype)
-    assert next(llm.llm_engine.model.parameters()).dtype == torch_dtype
-    assert llm.llm_engine.runner.k_cache.dtype == torch_dtype
+    assert next(llm.llm_engine.executor.model.parameters()).dtype == torch_dtype
+    assert llm.llm_engine.executor.runner.k_cache.dtype == torch_dtype
     out = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 6
 

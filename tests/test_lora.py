@@ -51,12 +51,16 @@ def test_mixed_batch_matches_peft_merged(setup, engine_kwargs):
     max_loras = engine_kwargs.pop("max_loras", 2)
     llm = LLM(path, enable_lora=True, max_loras=max_loras, max_lora_rank=8, **engine_kwargs)
     engine = llm.llm_engine
-    mixes, execute = [], engine.runner.execute
+    mixes, execute = [], engine.executor.execute
+    adapter_of = {}
 
-    def counting(seqs, counts):           # how many adapters (and whether the base) each batch mixes
-        mixes.append({s.request.lora_int_id for s in seqs})
-        return execute(seqs, counts)
-    engine.runner.execute = counting
+    def counting(step):                   # how many adapters (and whether the base) each batch mixes
+        adapter_of.update({r.request_id: r.lora_id for r in step.new_requests})
+        adapter_of.update({s.seq_id: adapter_of[s.request_id] for s in step.new_seqs})
+        if step.seqs:
+            mixes.append({adapter_of[s.seq_id] for s in step.seqs})
+        return execute(step)
+    engine.executor.execute = counting
     which = mixed(2 * len(PROMPTS))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(which))]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=[loras[w] for w in which])

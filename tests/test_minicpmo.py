@@ -194,7 +194,7 @@ def test_placeholder_expansion_matches_minicpmo_processor(ckpt):
     assert len(processed.prompt_token_ids) == 76
     # 31.27 s: a 30 s window (750 embeddings) and a 1.27 s one (32); 782 in 32 chunks, as for the whole clip
     processed = llm.llm_engine.processor.process({"prompt": TAG, "multi_modal_data": {"audio": speech(31.27)}})
-    assert [i.num_embeds for i in processed.audio_items] == [750 + 60, 32 + 4]
+    assert [i.num_embeds for i in processed.mm_items] == [750 + 60, 32 + 4]
     assert processed.prompt_token_ids.count(unk) == 782
 
 
@@ -206,7 +206,7 @@ def test_greedy_matches_reference(ckpt):
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     expected = [ref.generate(text, [speech(s) for s in secs]) for text, secs in CASES]
     assert [o.outputs[0].token_ids for o in outs] == expected
-    assert llm.llm_engine.runner.encoder_items == 4        # 4 distinct windows, each encoded once
+    assert llm.llm_engine.executor.runner.encoder_items == 4        # 4 distinct windows, each encoded once
 
 
 def test_logprobs_close_to_reference(ckpt):
@@ -238,7 +238,7 @@ def test_chat_template_encoder_and_prefix_cache(ckpt):
     assert first.outputs[0].token_ids == ref.generate(first.prompt, [speech(5.3)])
     second = llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "what about?"}]}], GREEDY,
                       use_tqdm=False)[0]
-    assert llm.llm_engine.runner.encoder_items == 1
+    assert llm.llm_engine.executor.runner.encoder_items == 1
     assert second.num_cached_tokens >= 128                 # 132 + 12 audio tokens before the question
     text_only = llm.chat([{"role": "user", "content": "hello"}], GREEDY, use_tqdm=False)[0]
     assert "<|spk_bos|>" not in text_only.prompt             # the tokenizer's own template

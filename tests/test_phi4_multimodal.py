@@ -148,7 +148,7 @@ def test_greedy_matches_transformers_batched(ckpt):
     assert [o.prompt_token_ids for o in outs] == [hf_inputs(processor, t, a)["input_ids"][0].tolist() for t, a in CASES]
     audio_id = model.config.audio_config.audio_token_id
     assert [sum(t == audio_id for t in o.prompt_token_ids) for o in outs] == [0, 35, 154 + 35]
-    assert llm.llm_engine.runner.encoder_items == 3
+    assert llm.llm_engine.executor.runner.encoder_items == 3
 
 
 def test_audio_placeholders_name_their_audio(ckpt):
@@ -179,9 +179,9 @@ def test_features_embeddings_and_counts_match_transformers(ckpt):
         assert torch.equal(log_fbank(audio), features[0]), samples
         expected = int((hf_inputs(processor, "<|audio_1|>", [audio])["input_ids"] == audio_id).sum())
         processed = engine.process_prompt({"prompt": "<|audio_1|>", "multi_modal_data": {"audio": (audio, 16000)}})
-        assert [i.num_embeds for i in processed.audio_items] == [expected], samples
+        assert [i.num_embeds for i in processed.mm_items] == [expected], samples
         assert EMBEDS.get(samples, expected) == expected
-        ours = engine.runner.encode_audio(processed.audio_items)[0]
+        ours = engine.encode(processed.mm_items)[0]
         torch.testing.assert_close(ours, hf_clip_embeds(model, processor, audio), atol=1e-5, rtol=1e-5)
 
 
@@ -235,7 +235,7 @@ def test_encoder_cache_limits_and_refusals(ckpt):
         out = llm.generate(prompt_of(f"<|user|><|audio_1|>{question}<|end|><|assistant|>", [audio[0]]), GREEDY,
                            use_tqdm=False)[0]
         assert out.outputs[0].token_ids == reference(model, processor, out.prompt, [audio[0]])
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.encoder_items == 1 and runner.encoder_calls == 1
     with pytest.raises(ValueError, match="limit_mm_per_prompt allows 1"):
         llm.generate(prompt_of("<|audio_1|><|audio_2|>", [audio[0], audio[0]]), GREEDY, use_tqdm=False)

@@ -109,7 +109,7 @@ def test_greedy_matches_transformers_batched(ckpt):
     audio_id = model.config.audio_token_index
     assert [o.prompt_token_ids for o in outs] == [hf_inputs(processor, t, a)["input_ids"][0].tolist() for t, a in CASES]
     assert [sum(t == audio_id for t in o.prompt_token_ids) for o in outs] == [0, 70, 125 + 83]
-    assert llm.llm_engine.runner.encoder_items == 3
+    assert llm.llm_engine.executor.runner.encoder_items == 3
 
 
 def test_placeholder_count_matches_transformers_for_odd_lengths(ckpt):
@@ -119,7 +119,7 @@ def test_placeholder_count_matches_transformers_for_odd_lengths(ckpt):
         audio = clip(samples)
         expected = int((hf_inputs(processor, PLACEHOLDER, [audio])["input_ids"] == model.config.audio_token_index).sum())
         processed = llm.llm_engine.process_prompt({"prompt": PLACEHOLDER, "multi_modal_data": {"audio": (audio, 16000)}})
-        assert sum(i.num_embeds for i in processed.audio_items) == expected, samples
+        assert sum(i.num_embeds for i in processed.mm_items) == expected, samples
         assert EMBEDS.get(samples, expected) == expected
 
 
@@ -149,7 +149,7 @@ def test_positions_equal_get_rope_index(ckpt):
     for text, audios in CASES + [(f"{PLACEHOLDER}", [clip(CLIP_A)]), (f"{PLACEHOLDER}x{PLACEHOLDER}",
                                                                      [clip(CLIP_C), clip(CLIP_A, 5)])]:
         processed = engine.process_prompt({"prompt": text, "multi_modal_data": {"audio": [(a, 16000) for a in audios]}})
-        positions = engine.model.prompt_positions(processed)
+        positions = engine.executor.model.prompt_positions(processed)
         inputs = hf_inputs(processor, text, audios)
         lengths = inputs["feature_attention_mask"].sum(-1) if audios else None
         for grid in (None, torch.zeros(0, 3, dtype=torch.long)):
@@ -197,7 +197,7 @@ def test_encoder_cache_prefix_cache_and_limits(ckpt):
                          GREEDY, use_tqdm=False)[0]
     second = llm.generate({"prompt": f"{PLACEHOLDER}another question", "multi_modal_data": {"audio": audio}},
                           GREEDY, use_tqdm=False)[0]
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.encoder_items == 1 and runner.encoder_calls == 1
     assert first.num_cached_tokens == 0 and second.num_cached_tokens == (2 + 125) // 16 * 16
     with pytest.raises(ValueError, match="limit_mm_per_prompt allows 1"):

@@ -80,7 +80,7 @@ def test_greedy_matches_transformers(ckpt):
     assert [o.outputs[0].token_ids for o in outs] == expected
     n_audio = [sum(t == model.config.audio_token_index for t in o.prompt_token_ids) for o in outs]
     assert n_audio == [0, 75, 250 + 750, 750]
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.encoder_items == 3     # the 30 s clip is encoded once for both prompts that hold it
 
 
@@ -94,7 +94,7 @@ def test_same_clip_twice_runs_encoder_once(ckpt, prefix_caching):
     second = llm.generate({"prompt": f"{PLACEHOLDER}another question",
                            "multi_modal_data": {"audio": clip}}, GREEDY, use_tqdm=False)[0]
     engine = llm.llm_engine
-    assert engine.runner.encoder_items == 1 and engine.runner.encoder_calls == 1
+    assert engine.executor.runner.encoder_items == 1 and engine.executor.runner.encoder_calls == 1
     assert first.num_cached_tokens == 0
     if prefix_caching:       # the KV of everything before the question (block-aligned) is reused
         assert second.num_cached_tokens == (1 + 150) // 16 * 16
@@ -112,7 +112,7 @@ def test_uuid_lets_later_requests_omit_the_audio(ckpt):
     by_name = llm.generate({"prompt": f"{PLACEHOLDER}q", "multi_modal_data": {"audio": None},
                             "multi_modal_uuids": {"audio": "call-17"}}, GREEDY, use_tqdm=False)[0]
     assert by_name.outputs[0].token_ids == with_audio.outputs[0].token_ids
-    assert llm.llm_engine.runner.encoder_items == 1
+    assert llm.llm_engine.executor.runner.encoder_items == 1
     with pytest.raises(ValueError, match="no audio is known under the uuid 'call-18'"):
         llm.generate({"prompt": f"{PLACEHOLDER}q", "multi_modal_data": {"audio": None},
                       "multi_modal_uuids": {"audio": "call-18"}}, GREEDY, use_tqdm=False)
@@ -141,7 +141,7 @@ def test_audio_longer_than_30s_is_chunked(ckpt):
     llm = LLM(path)
     processed = llm.llm_engine.process_prompt({"prompt": f"{PLACEHOLDER}x",
                                                "multi_modal_data": {"audio": (speech(70.0), 16000)}})
-    assert [i.num_embeds for i in processed.audio_items] == [750, 750, 250]
+    assert [i.num_embeds for i in processed.mm_items] == [750, 750, 250]
     assert processed.placeholder_offsets == [1, 751, 1501]
     assert llm.llm_engine.processor.audio_tokens(70.0) == 1750
     assert llm.llm_engine.max_concurrent_audio_requests() >= 1
@@ -154,8 +154,8 @@ def test_precomputed_embeddings_match_audio(ckpt):
     engine = llm.llm_engine
     audio_out = llm.generate({"prompt": f"{PLACEHOLDER}q", "multi_modal_data": {"audio": clip}}, GREEDY,
                              use_tqdm=False)[0]
-    item = engine.process_prompt({"prompt": PLACEHOLDER, "multi_modal_data": {"audio": clip}}).audio_items[0]
-    embeds = engine.model.embed_audio([item])[0].detach()
+    item = engine.process_prompt({"prompt": PLACEHOLDER, "multi_modal_data": {"audio": clip}}).mm_items[0]
+    embeds = engine.executor.model.embed_multimodal([item])[0].detach()
     embeds_out = llm.generate({"prompt": f"{PLACEHOLDER}q", "multi_modal_data": {"audio_embeds": embeds}}, GREEDY,
                               use_tqdm=False)[0]
     assert embeds_out.outputs[0].token_ids == audio_out.outputs[0].token_ids

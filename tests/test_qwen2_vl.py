@@ -127,7 +127,7 @@ def test_greedy_matches_transformers(ckpt):
     assert [o.outputs[0].token_ids for o in outs] == expected
     grids = {tuple(g) for g in image_processor()(images=images, return_tensors="pt")["image_grid_thw"].tolist()}
     assert len(grids) == 3                               # three different grids: native resolution
-    assert llm.llm_engine.runner.encoder_items == 3
+    assert llm.llm_engine.executor.runner.encoder_items == 3
 
 
 def test_logits_close_and_chat(ckpt):
@@ -149,9 +149,9 @@ def test_image_embeddings_close_to_transformers(ckpt):
     path, model, tok = ckpt
     llm = LLM(path)
     images = photos()
-    items = [llm.llm_engine.process_prompt({"prompt": VISION, "multi_modal_data": {"image": im}}).audio_items[0]
+    items = [llm.llm_engine.process_prompt({"prompt": VISION, "multi_modal_data": {"image": im}}).mm_items[0]
              for im in images]
-    mine = llm.llm_engine.runner.encode_audio(items)
+    mine = llm.llm_engine.encode(items)
     inputs = image_processor()(images=images, return_tensors="pt")
     with torch.no_grad():
         theirs = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output

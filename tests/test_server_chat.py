@@ -226,7 +226,7 @@ def test_engine_death_fails_requests_and_health(qwen2_ckpt):
 
     with BackgroundServer(app) as url:
         assert httpx.get(url + "/health").status_code == 200
-        engine.runner.execute = broken   # the engine's next forward fails
+        engine.executor.execute = broken   # the engine's next forward fails
         r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 4})
         assert r.status_code == 503 and "secret" not in r.text and "Traceback" not in r.text
         assert r.json()["error"]["code"] == "engine_dead"

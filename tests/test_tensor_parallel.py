@@ -39,7 +39,7 @@ def time_limit(seconds: int):
 
 
 def workers(llm):
-    return llm.llm_engine.model.group.procs
+    return llm.llm_engine.executor.group.procs
 
 
 def shut_down(llm) -> None:
@@ -55,7 +55,7 @@ def test_qwen2_greedy_and_logprobs_match_one_rank(qwen2_ckpt):
     single = LLM(path).generate(PROMPTS, params, use_tqdm=False)
     with time_limit(300):
         llm = LLM(path, tensor_parallel_size=2, max_num_batched_tokens=24)     # chunked prefill too
-        assert llm.llm_engine.model.num_kv_heads == 1                          # 2 K/V heads, one per rank
+        assert llm.llm_engine.executor.model.num_kv_heads == 1                          # 2 K/V heads, one per rank
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
         for out, one in zip(outs, single):
@@ -89,7 +89,7 @@ def test_llama_greedy_matches_transformers(tmp_path, num_kv_heads, per_rank):
     expected = reference(model, tok, PROMPTS, MAX_NEW)
     with time_limit(300):
         llm = LLM(str(tmp_path), tensor_parallel_size=2, num_kv_blocks=40, block_size=4, max_model_len=128)
-        assert llm.llm_engine.model.num_kv_heads == per_rank
+        assert llm.llm_engine.executor.model.num_kv_heads == per_rank
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)        # with preemptions: 40 blocks of 4
         assert [o.outputs[0].token_ids for o in outs] == expected
         shut_down(llm)
@@ -137,8 +137,8 @@ def test_whisper_greedy_matches_transformers(whisper_path):
     with time_limit(300):
         llm = LLM(whisper_path, tensor_parallel_size=2, max_num_seqs=8, block_size=4)
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-        logits, cross = llm.llm_engine.model.decode_dense(
-            llm.llm_engine.model.encode(log_mel_spectrogram(clips[:1])[0]), torch.tensor([[sot, no_timestamps]]),
+        logits, cross = llm.llm_engine.executor.model.decode_dense(
+            llm.llm_engine.executor.model.encode(log_mel_spectrogram(clips[:1])[0]), torch.tensor([[sot, no_timestamps]]),
             return_cross_attn=True)
         shut_down(llm)
     hf = WhisperForConditionalGeneration.from_pretrained(whisper_path, attn_implementation="eager").eval()

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from hark.audio.mel import log_mel_spectrogram
-from hark.inputs import AudioItem, ProcessedPrompt
+from hark.inputs import MultiModalItem, ProcessedPrompt
 from hark.transcribe.levels import peak_level, with_input_floor
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -26,8 +26,8 @@ def speech_then_faint_noise(noise_amplitude: float = 3e-3, noise_s: float = 5.5)
 
 def prompt_of(samples: np.ndarray) -> ProcessedPrompt:
     features, mask = log_mel_spectrogram([samples])
-    item = AudioItem(features[0], int(mask[0].sum()), "h", 0, len(samples) / 16000)
-    return ProcessedPrompt([1], audio_items=[item], placeholder_offsets=[0])
+    item = MultiModalItem(features[0], int(mask[0].sum()), "h", 0, len(samples) / 16000)
+    return ProcessedPrompt([1], mm_items=[item], placeholder_offsets=[0])
 
 
 def test_window_floor_equals_the_whole_input_log_mel():
@@ -38,9 +38,9 @@ def test_window_floor_equals_the_whole_input_log_mel():
     floored = with_input_floor(window, float(whole.max()))
     frames = (len(audio) - start) // 160
     inner = slice(2, frames - 2)                         # away from the edges, where the STFT sees other samples
-    assert torch.allclose(floored.audio_items[0].features[:, inner], whole[0][:, start // 160:][:, inner], atol=1e-5)
-    assert floored.audio_items[0].hash != window.audio_items[0].hash
-    assert not torch.equal(floored.audio_items[0].features, window.audio_items[0].features)
+    assert torch.allclose(floored.mm_items[0].features[:, inner], whole[0][:, start // 160:][:, inner], atol=1e-5)
+    assert floored.mm_items[0].hash != window.mm_items[0].hash
+    assert not torch.equal(floored.mm_items[0].features, window.mm_items[0].features)
     loud = prompt_of(audio[:30 * 16000])
     assert with_input_floor(loud, peak_level(loud)) is loud      # the loudest window is unchanged
 

@@ -155,7 +155,7 @@ def test_greedy_matches_reference(ckpt):
     assert [o.outputs[0].token_ids for o in outs] == expected
     n_audio = [sum(t == ref.audio_token_id for t in o.prompt_token_ids) for o in outs]
     assert n_audio == [0, 19, 65 + 188]                    # ceil(50 frames/s * s / 8)
-    assert llm.llm_engine.runner.encoder_calls == 1        # three clips, one batched encoder call
+    assert llm.llm_engine.executor.runner.encoder_calls == 1        # three clips, one batched encoder call
 
 
 def test_chat_and_prefix_cache(ckpt):
@@ -172,7 +172,7 @@ def test_chat_and_prefix_cache(ckpt):
     assert "<|audio|>\nwho speaks?" in first.prompt
     second = llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "what about?"}]}], GREEDY,
                       use_tqdm=False)[0]
-    assert llm.llm_engine.runner.encoder_items == 1
+    assert llm.llm_engine.executor.runner.encoder_items == 1
     assert second.num_cached_tokens >= 32
 
 

@@ -141,7 +141,7 @@ def test_greedy_matches_transformers_batched(ckpt):
     assert len({tuple(e) for e in expected}) == len(expected)        # the clips change the answers
     assert [o.prompt_token_ids for o in outs] == [prompt_ids(tok, parts) for parts in CASES]
     assert [sum(t == AUDIO for t in o.prompt_token_ids) for o in outs] == [0, 375, 375 + 750]
-    assert llm.llm_engine.runner.encoder_items == 4       # 1 + 1 + 2 windows
+    assert llm.llm_engine.executor.runner.encoder_items == 4       # 1 + 1 + 2 windows
 
 
 def test_placeholder_counts_and_features_match_transformers(ckpt):
@@ -156,7 +156,7 @@ def test_placeholder_counts_and_features_match_transformers(ckpt):
         assert engine.processor.audio_tokens(samples / 16000) == 375 * math.ceil(samples / WINDOW)
         if samples in (CLIP_A, CLIP_C, 960_001):
             ref = features([audio])
-            got = torch.stack([item.features for item in processed.audio_items])
+            got = torch.stack([item.features for item in processed.mm_items])
             assert got.shape == ref.shape
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)      # measured 1.2e-7
 
@@ -243,7 +243,7 @@ def test_encoder_cache_prefix_cache_and_limits(ckpt):
     audio = clip(CLIP_B)
     first = llm.generate(hark_prompt(tok, [audio, "question one"]), GREEDY, use_tqdm=False)[0]
     second = llm.generate(hark_prompt(tok, [audio, "another question"]), GREEDY, use_tqdm=False)[0]
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.encoder_items == 1 and runner.encoder_calls == 1
     assert first.num_cached_tokens == 0 and second.num_cached_tokens == (3 + 375) // 16 * 16
     other = llm.generate(hark_prompt(tok, [clip(CLIP_B, 3), "question one"]), GREEDY, use_tqdm=False)[0]

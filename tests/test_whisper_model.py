@@ -13,7 +13,7 @@ from transformers import WhisperForConditionalGeneration as HFWhisper
 
 from hark import LLM, SamplingParams
 from hark.audio.mel import log_mel_spectrogram
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.media.hashing import hash_audio
 from hark.models.ct2_whisper import load_ct2_whisper
 from hark.models.loader import iter_checkpoint_weights
@@ -69,9 +69,9 @@ def step_meta(block_tables, starts, lengths, encoder_states, cross_caches):
 
 def test_encoder_matches_transformers(checkpoint, features):
     hf, model, _ = checkpoint
-    items = [AudioItem(f, 3000, f"h{i}", 0, 30.0) for i, f in enumerate(features)]
+    items = [MultiModalItem(f, 3000, f"h{i}", 0, 30.0) for i, f in enumerate(features)]
     with torch.inference_mode():
-        ours = model.embed_audio(items)
+        ours = model.embed_multimodal(items)
         ref = hf.model.encoder(features).last_hidden_state
     assert [o.shape for o in ours] == [(1500, 64)] * 2
     torch.testing.assert_close(torch.stack(ours), ref, atol=1e-4, rtol=1e-4)
@@ -180,15 +180,15 @@ def test_processor_prompt_styles(processor, clips):
     assert by_ids.prompt_token_ids == [SOT, NO_TIMESTAMPS]
     features, mask = log_mel_spectrogram([clips[0]])
     for processed in (implicit, explicit, by_ids):
-        (item,) = processed.audio_items
+        (item,) = processed.mm_items
         assert torch.equal(item.features, features[0]) and item.num_frames == int(mask[0].sum())
         assert item.num_embeds == 0 and item.duration_s == pytest.approx(7.1)
         assert item.hash == hash_audio(clips[0], 16000, processor.model_id)
     from_file = processor.process({"prompt": "<|startoftranscript|>",
                                    "multi_modal_data": {"audio": sorted(glob.glob(os.path.join(DATA, "*.wav")))[0]}})
-    torch.testing.assert_close(from_file.audio_items[0].features, features[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(from_file.mm_items[0].features, features[0], atol=1e-4, rtol=0)
     named = processor.process({"prompt": "", "multi_modal_data": {"audio": audio}, "multi_modal_uuids": {"audio": ["clip-1"]}})
-    assert named.audio_items[0].hash == "clip-1" and named.prompt_token_ids == [SOT]
+    assert named.mm_items[0].hash == "clip-1" and named.prompt_token_ids == [SOT]
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -232,7 +232,7 @@ def test_kv_cache_is_sized_to_the_positions_the_model_can_use(checkpoint):
     _, _, path = checkpoint
     engine = LLM(model=str(path), max_num_seqs=3, block_size=4).llm_engine
     assert engine.max_model_len == 64
-    assert engine.kv.num_blocks == 3 * 64 // 4 == engine.runner.k_cache.shape[1]
+    assert engine.kv.num_blocks == 3 * 64 // 4 == engine.executor.runner.k_cache.shape[1]
     per_block = 2 * 2 * 4 * 4 * 16 * 4          # K and V, 2 layers, 4 tokens, 4 heads x 16 dims, float32
     engine = LLM(model=str(path), max_num_seqs=3, block_size=4, kv_cache_memory_bytes=20 * per_block).llm_engine
     assert engine.kv.num_blocks == 20
@@ -247,4 +247,4 @@ def test_transcribe_command_engine_holds_its_sequences_only():
     assert MAX_NUM_SEQS == 8
     engine = LLM(model=None, max_num_seqs=MAX_NUM_SEQS).llm_engine
     assert engine.max_model_len == 448 and engine.kv.num_blocks == MAX_NUM_SEQS * 448 // 16
-    assert 2 * engine.runner.k_cache.numel() * 4 == MAX_NUM_SEQS * 448 * 2 * 4 * 384 * 4
+    assert 2 * engine.executor.runner.k_cache.numel() * 4 == MAX_NUM_SEQS * 448 * 2 * 4 * 384 * 4

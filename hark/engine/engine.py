@@ -1,4 +1,9 @@
-"""The synchronous engine: add requests, step, collect outputs."""
+"""The synchronous engine: add requests, step, collect outputs.
+
+It owns requests, the scheduler, KV blocks, beams, grammars and detokenizing; the model is behind an
+executor (hark.executor) that it drives with step records (hark.step) and that answers with token ids
+and logprobs.
+"""
 import itertools
 import logging
 import time
@@ -13,35 +18,33 @@ from hark.engine.kv_cache import KVCacheManager
 from hark.engine.request import Request, Sequence, SequenceStatus
 from hark.engine.scheduler import Scheduler
 from hark.engine.structured_output import StructuredOutputs
-from hark.distributed.tensor_parallel import WorkerGroup, copy_blocks_on_every_rank
 from hark.inputs import ProcessedPrompt
 from hark.lora.adapter import LoRAAdapter
 from hark.lora.manager import LoRAManager
 from hark.lora.request import LoRARequest
-from hark.models.loader import load_model
 from hark.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from hark.runner import sampler
-from hark.runner.model_runner import ModelRunner
 from hark.sampling import SamplingParams
+from hark.step import ModelRunnerOutput, NewRequest, NewSequence, ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger("hark")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, make_executor):
+        """make_executor(config): the executor that loads the model (hark.executor.Executor)."""
         self.config = config
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        group = WorkerGroup.start(config) if config.tensor_parallel_size > 1 else None
-        self.loaded = load_model(config)
-        self.model = self.loaded.model if group is None else group.attach(self.loaded.model)
+        self.executor = make_executor(config)
+        self.loaded = self.executor.loaded
+        self.is_encoder_decoder = self.executor.is_encoder_decoder
         self.tokenizer = self.loaded.tokenizer
         self.processor = self.loaded.processor
         if hasattr(self.processor, "configure"):        # audio limits, media policy, mm embeds
             self.processor.configure(config)
         self.eos_token_ids = self.loaded.eos_token_ids
         self.vocab_size = self._vocab_size()
-        model_max = getattr(self.model, "max_positions", None) or getattr(
+        model_max = self.executor.max_positions or getattr(
             self.loaded.hf_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is None:
             config.max_model_len = model_max
@@ -49,28 +52,26 @@ class LLMEngine:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {model_max} positions.")
         self.max_model_len = config.max_model_len
 
-        dtype = next(self.model.parameters()).dtype
-        device = config.torch_device()
         bs = config.block_size
         blocks_per_seq = -(-self.max_model_len // bs)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
-            fit = ModelRunner.num_blocks_for(self.model, bs, dtype, config.kv_cache_memory_bytes)
+            fit = max(1, config.kv_cache_memory_bytes // self.executor.kv_block_bytes(bs))
             num_blocks = min(fit, config.max_num_seqs * blocks_per_seq)
         if num_blocks < blocks_per_seq:
             raise ValueError(f"the KV cache ({num_blocks} blocks of {bs} tokens) cannot hold one sequence of "
                              f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV memory.")
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, bs, dtype, device, config.encoder_cache_bytes)
-        if group is not None:
-            self.runner.copy_blocks = copy_blocks_on_every_rank(self.runner.copy_blocks, self.model)
-        self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras or config.max_loras
-                                ) if config.enable_lora else None
+        self.executor.init_kv_cache(num_blocks, bs, self.eos_token_ids)
+        self.lora = self.executor.lora_manager(config.max_lora_rank, config.max_cpu_loras or config.max_loras
+                                               ) if config.enable_lora else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras if config.enable_lora else None)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
+        self._finished_request_ids: list[str] = []     # for the runner, with the next step record
+        self._block_copies: list[tuple[int, int]] = []   # beam forks' KV copies, run before the next forward
         if hasattr(self.processor, "audio_tokens"):
             logger.info("hark engine: the KV cache holds %d concurrent requests with 30 s of audio",
                         self.max_concurrent_audio_requests())
@@ -83,7 +84,7 @@ class LLMEngine:
             self._rng.manual_seed(config.seed)
         logger.info("hark engine: %s, %d KV blocks × %d tokens (%.0f MiB), max_model_len %d",
                     self.loaded.model_path, num_blocks, bs,
-                    2 * self.runner.k_cache.numel() * dtype.itemsize / 2**20, self.max_model_len)
+                    num_blocks * self.executor.kv_block_bytes(bs) / 2**20, self.max_model_len)
 
     def _vocab_size(self) -> int:
         cfg = self.loaded.hf_config
@@ -171,8 +172,8 @@ class LLMEngine:
         n_prompt = len(processed.prompt_token_ids)
         request = Request(request_id, processed, params, lora_request=lora_request)
         request.metrics = RequestMetrics(arrival_time=time.time(), num_prompt_tokens=n_prompt)
-        if self.model.is_encoder_decoder:
-            request.cache_salt = processed.audio_items[0].hash if processed.audio_items else None
+        if self.is_encoder_decoder:
+            request.cache_salt = processed.mm_items[0].hash if processed.mm_items else None
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         if params.uses_beam_search:
@@ -184,8 +185,7 @@ class LLMEngine:
             seed = params.seed + index if params.seed is not None else int(
                 torch.randint(0, 2**62, (1,), generator=self._rng))
             seq = Sequence(next(self._seq_ids), request, index, list(processed.prompt_token_ids), n_prompt,
-                           generator=None if params.greedy else torch.Generator().manual_seed(seed),
-                           parent=parent)
+                           seed=None if params.greedy else seed, parent=parent)
             if params.logprobs is not None:
                 seq.logprobs = []
             if grammar is not None:
@@ -213,11 +213,15 @@ class LLMEngine:
         if request.beam is not None:
             self._end_beam_search(request)
         self._release(request)
+        if not self.requests:
+            self._free_finished()
         return self._output(request)
 
     def _release(self, request: Request) -> None:
-        """A request that is done lets go of its encoder state and its LoRA adapter."""
-        request.release_encoder_state()
+        """A request that is done lets go of its runner state (encoder output, cross-attention K/V) and its
+        LoRA adapter."""
+        if request.announced:
+            self._finished_request_ids.append(request.request_id)
         if request.lora_request is not None and request.lora_cache_key is not None:
             self.lora.release(request.lora_int_id)
             request.lora_cache_key = None
@@ -230,6 +234,7 @@ class LLMEngine:
         """Runs one forward over the scheduled batch; returns outputs of the requests that moved."""
         batch = self.scheduler.schedule()
         if batch.empty:
+            self._free_finished()
             return []
         now = time.time()
         for seq in batch.seqs:
@@ -237,31 +242,19 @@ class LLMEngine:
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
                 m.num_cached_tokens = seq.num_cached_tokens
-        result = self.runner.execute(batch.seqs, batch.num_new_tokens)
+        record, sampling, beams, prompt = self._step_record(batch.seqs, batch.num_new_tokens)
+        result = self.executor.execute(record)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.kv.commit_full_blocks(seq)
-        for i, (logits, first) in result.prompt_logits.items():
-            seq = batch.seqs[i]
-            k = seq.params.prompt_logprobs
-            nxt = seq.token_ids[first + 1: first + 1 + logits.shape[0]]
-            if seq.index == 0 and len(seq.request.prompt_logprobs) == first + 1:
-                seq.request.prompt_logprobs.extend(sampler.prompt_logprobs(logits, nxt, k))
+        for seq in prompt:
+            seq.request.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
         moved = {}
-        rows = [r for r, i in enumerate(result.sample_rows) if batch.seqs[i].request.beam is None]
-        if rows:
-            seqs = [batch.seqs[result.sample_rows[r]] for r in rows]
-            grammar_mask = self.structured_outputs.bitmask([s.grammar for s in seqs]) if any(
-                s.grammar is not None for s in seqs) else None
-            logits = result.logits if len(rows) == len(result.sample_rows) else result.logits[rows]
-            sampled = sampler.sample(logits, seqs, self.eos_token_ids, grammar_mask)
-            for row, seq in enumerate(seqs):
-                self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
-                moved[id(seq.request)] = seq.request
-        beam_rows = [r for r, i in enumerate(result.sample_rows) if batch.seqs[i].request.beam is not None]
-        if beam_rows:
-            for request in self._step_beams([batch.seqs[result.sample_rows[r]] for r in beam_rows],
-                                            result.logits[beam_rows]):
+        for row, seq in enumerate(sampling):
+            self._append_token(seq, result.token_ids[row], result.logprobs[row], result.top_logprobs[row])
+            moved[id(seq.request)] = seq.request
+        if beams:
+            for request in self._step_beams(beams, result):
                 moved[id(request)] = request
         outputs = []
         for request in moved.values():
@@ -270,7 +263,67 @@ class LLMEngine:
                 self.requests.pop(request.request_id, None)
                 self._release(request)
             outputs.append(self._output(request))
+        if not self.requests:
+            self._free_finished()
         return outputs
+
+    def _step_record(self, seqs: list[Sequence], counts: list[int]):
+        """The step record of a batch, and its sequences that sample, that give beam candidates and that
+        get prompt logprobs (in the orders of the runner's answer)."""
+        scheduled, new_requests, new_seqs = [], [], []
+        sampling, beams, prompt = [], [], []
+        for seq, n in zip(seqs, counts):
+            request = seq.request
+            if not seq.announced:
+                if not request.announced:
+                    request.announced = True
+                    new_requests.append(NewRequest(request.request_id, request.prompt, request.lora_int_id))
+                seq.announced = True
+                new_seqs.append(NewSequence(seq.seq_id, request.request_id, request.params, seq.num_prompt_tokens,
+                                            seq.seed))
+            start = seq.num_computed_tokens
+            end = start + n
+            s = ScheduledSequence(seq.seq_id, start, seq.token_ids[start:end], seq.block_table)
+            params = request.params
+            if params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1 and seq.index == 0 \
+                    and len(request.prompt_logprobs) == start + 1:      # not again after a preemption
+                s.prompt_logprob_targets = seq.token_ids[start + 1: min(end, seq.num_prompt_tokens - 1) + 1]
+                prompt.append(seq)
+            if end == seq.num_tokens:
+                s.sample = True
+                if params.uses_penalties or params.logits_processors:
+                    s.history = seq.token_ids
+                if request.beam is not None:
+                    s.num_candidates = request.beam.num_candidates
+                    beams.append(seq)
+                else:
+                    sampling.append(seq)
+            scheduled.append(s)
+        grammar_mask = self.structured_outputs.bitmask([s.grammar for s in sampling]) if any(
+            s.grammar is not None for s in sampling) else None
+        record = SchedulerOutput(scheduled, new_requests, new_seqs, self._finished_request_ids,
+                                 self.scheduler.take_finished(), self._block_copies, grammar_mask)
+        self._finished_request_ids, self._block_copies = [], []
+        return record, sampling, beams, prompt
+
+    def _free_finished(self) -> None:
+        """Tells the runner at once which requests and sequences ended (an idle engine sends no step)."""
+        finished = self.scheduler.take_finished()
+        if finished or self._finished_request_ids:
+            self.executor.execute(SchedulerOutput(finished_request_ids=self._finished_request_ids,
+                                                  finished_seq_ids=finished))
+            self._finished_request_ids = []
+        self._block_copies = []             # no sequence is left to read them
+
+    # --- multimodal encoders and dense decoder runs (transcription) -------------------------------
+    def encode(self, items: list) -> list[torch.Tensor]:
+        """Encoder outputs of MultiModalItems (Whisper: [1500, D] per window), from the encoder cache."""
+        return self.executor.encode(items)
+
+    def decode_dense(self, encoder_states: torch.Tensor, tokens: torch.Tensor, return_cross_attn: bool = False):
+        """Whisper's decoder over whole token rows [B, L], no cache -> (logits [B, L, V], cross-attention
+        weights per layer or None)."""
+        return self.executor.decode_dense(encoder_states, tokens, return_cross_attn)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
         seq.token_ids.append(token)
@@ -311,13 +364,11 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     # --- beam search --------------------------------------------------------------------------
-    def _step_beams(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Request]:
+    def _step_beams(self, seqs: list[Sequence], result: ModelRunnerOutput) -> list[Request]:
         """Takes the candidates of beams that reached this step; moves every request whose live beams
         all did one token on. Returns the requests that finished."""
-        k = max(s.request.beam.num_candidates for s in seqs)
-        values, ids = sampler.beam_candidates(logits, seqs, self.eos_token_ids, k)
         requests = {}
-        for seq, v, t in zip(seqs, values, ids):
+        for seq, v, t in zip(seqs, result.beam_logprobs, result.beam_token_ids):
             n = seq.request.beam.num_candidates
             seq.request.beam.pending[seq] = (v[:n], t[:n])
             requests[id(seq.request)] = seq.request
@@ -328,7 +379,7 @@ class LLMEngine:
                 copies += self._advance_beams(request)
                 if request.beam.done:
                     finished.append(request)
-        self.runner.copy_blocks(copies)
+        self._block_copies += copies
         return finished
 
     def _advance_beams(self, request: Request) -> list[tuple[int, int]]:
@@ -395,7 +446,7 @@ class LLMEngine:
                              prompt_logprobs=request.prompt_logprobs, metrics=request.metrics,
                              num_cached_tokens=request.metrics.num_cached_tokens,
                              encoder_prompt_token_ids=p.encoder_prompt_token_ids,
-                             encoder_prompt="" if self.model.is_encoder_decoder else None)
+                             encoder_prompt="" if self.is_encoder_decoder else None)
 
     def _beam_output(self, index: int, h, params: SamplingParams) -> CompletionOutput:
         shown = h.token_ids if h.finish_reason != "stop" or params.include_stop_str_in_output else h.token_ids[:-1]
@@ -403,9 +454,8 @@ class LLMEngine:
         return CompletionOutput(index, text, h.token_ids, h.cum_logprob, h.logprobs, h.finish_reason, h.stop_reason)
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel worker ranks (nothing to do on one rank)."""
-        if hasattr(self.model, "shutdown"):
-            self.model.shutdown()
+        """Stops the executor's tensor-parallel worker ranks (nothing to do on one rank)."""
+        self.executor.shutdown()
 
     # --- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -417,8 +467,7 @@ class LLMEngine:
             "kv_total_blocks": self.kv.num_blocks,
             "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
-            "encoder_cache_hits": self.runner.encoder_cache.hits,
-            "encoder_calls": self.runner.encoder_calls,
+            **self.executor.stats(),
             "max_concurrent_30s_audio_requests": self.max_concurrent_audio_requests(),
             "lora_adapters_loaded": len(self.lora.list_loras()) if self.lora is not None else 0,
             "lora_adapters_running": len({s.request.lora_int_id for s in self.scheduler.running} - {0}),

@@ -158,7 +158,7 @@ def block_extra_keys(seq: Sequence, start: int, end: int) -> tuple:
     if start == 0 and request.lora_cache_key is not None:
         keys.append(("lora", request.lora_cache_key))
     prompt = request.prompt
-    for item, offset in zip(prompt.audio_items, prompt.placeholder_offsets):
+    for item, offset in zip(prompt.mm_items, prompt.placeholder_offsets):
         if offset < end and offset + item.num_embeds > start:
             keys.append((item.hash, start - offset))
     return tuple(keys)

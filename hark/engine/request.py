@@ -4,9 +4,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-import torch
-
-from hark.inputs import ProcessedPrompt, PromptPositions
+from hark.inputs import ProcessedPrompt
 from hark.lora.request import LoRARequest
 from hark.outputs import Logprob, RequestMetrics
 from hark.sampling import SamplingParams
@@ -30,13 +28,11 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     metrics: RequestMetrics | None = None
-    encoder_state: torch.Tensor | None = None    # encoder-decoder models: the encoder output
-    cross_cache: dict = field(default_factory=dict)
     cache_salt: str | None = None                # mixed into the first block hash (audio of enc-dec)
-    positions: PromptPositions | None = None     # M-RoPE models: the prompt's positions, from the model
     lora_request: LoRARequest | None = None      # the adapter it runs with (None: the base model)
     lora_cache_key: tuple | None = None          # mixed into the first block hash (set while it holds the adapter)
     beam: "BeamSearch | None" = None             # beam search: its state; seqs are then the live beams
+    announced: bool = False                      # the runner has had it (hark.step.NewRequest)
 
     @property
     def lora_int_id(self) -> int:
@@ -48,12 +44,6 @@ class Request:
             return self.beam.done
         return all(s.status == SequenceStatus.FINISHED for s in self.seqs)
 
-    def release_encoder_state(self) -> None:
-        """Drops the encoder output and cross-attention K/V once the request is done (whoever still holds
-        the request, its outputs, must not keep 18 MB per Whisper window alive)."""
-        self.encoder_state = None
-        self.cross_cache.clear()
-
 
 @dataclass(eq=False)
 class Sequence:
@@ -62,7 +52,7 @@ class Sequence:
     index: int                                  # sample index within the request
     token_ids: list[int]
     num_prompt_tokens: int
-    generator: torch.Generator | None = None
+    seed: int | None = None                     # of its sampling generator, kept by the runner (None: greedy)
     parent: "Sequence | None" = None            # n > 1: samples share the parent's prompt blocks
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
@@ -73,6 +63,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] | None = None
     grammar: object | None = None               # structured outputs: this sample's xgrammar GrammarMatcher
+    announced: bool = False                     # the runner has had it (hark.step.NewSequence)
     # detokenizer state
     text: str = ""
     prefix_offset: int = 0

@@ -46,6 +46,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.reserved = 0           # seats held by beam-search requests beyond their running beams
+        self.finished_seq_ids: list[int] = []   # finished since the last take_finished (for the runner)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -166,3 +167,10 @@ class Scheduler:
             self.waiting.remove(seq)
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
+        if seq.announced:
+            self.finished_seq_ids.append(seq.seq_id)
+
+    def take_finished(self) -> list[int]:
+        """The ids of the sequences finished since the last call."""
+        ids, self.finished_seq_ids = self.finished_seq_ids, []
+        return ids

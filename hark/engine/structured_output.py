@@ -16,11 +16,8 @@ xgrammar's byte-level strings otherwise admit (each decodes to several U+FFFD).
 import json
 import os
 import re
-from dataclasses import dataclass
-
-import torch
-
 from hark.sampling import StructuredOutputsParams
+from hark.step import GrammarMask
 
 MAX_WHITESPACE = 20
 CACHE_BYTES = 256 * 2**20
@@ -104,16 +101,3 @@ class StructuredOutputs:
         for i in rows:
             matchers[i].fill_next_token_bitmask(mask, i)
         return GrammarMask(mask, rows)
-
-
-@dataclass
-class GrammarMask:
-    bitmask: torch.Tensor        # int32 [batch, ceil(vocab / 32)], one bit per token
-    rows: list[int]              # the constrained rows
-
-    def apply(self, logits: torch.Tensor) -> None:
-        """Sets the logits of the tokens the grammars forbid to -inf, in place (xgrammar's kernel)."""
-        import xgrammar as xgr
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device, non_blocking=True),
-                                        vocab_size=min(logits.shape[-1], self.bitmask.shape[-1] * 32),
-                                        indices=self.rows if len(self.rows) < logits.shape[0] else None)

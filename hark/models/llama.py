@@ -9,7 +9,7 @@ from hark.models.layers import RMSNorm, RotaryEmbedding, by_row_blocks
 from hark.models.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding, tie)
 from hark.models.weights import GATE_UP, QKV, WeightLoader
-from hark.runner.attention import AttentionMetadata, paged_attention
+from hark.runner.attention import AttentionMetadata
 
 
 class SiluGatedMLP(nn.Module):
@@ -52,7 +52,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = meta.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         if rows is not None:
             o = o[rows]
         return self.o_proj(o.flatten(1))

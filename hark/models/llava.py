@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel, legacy_name
 from hark.models.clip_vision import CLIPVisionTower
 from hark.models.layers import Linear
@@ -62,7 +62,7 @@ class LlavaForConditionalGeneration(AudioLanguageModel):
         return self.vision_tower.num_patches + self.keep_class_token
 
     # --- images -------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [image_tokens, H] tensor per image item (features: pixel_values [3, S, S]); one tower call."""
         pixels = torch.stack([item.features for item in items])
         states = self.vision_tower.hidden_states(pixels, self.feature_layers)

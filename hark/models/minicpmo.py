@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import Linear
 from hark.models.llama import Qwen2ForCausalLM
@@ -80,7 +80,7 @@ class MiniCPMO(AudioLanguageModel):
         self._bind_language_model(config)
 
     # --- audio --------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [num embeddings, H] tensor per item; the encoder and projector run once over the batch."""
         hidden = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
         projected = self.audio_projection_layer(torch.cat(hidden)).split([h.shape[0] for h in hidden])

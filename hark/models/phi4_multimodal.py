@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import Linear, RotaryEmbedding
 from hark.models.llama import LlamaForCausalLM
@@ -291,7 +291,7 @@ class Phi4MultimodalForCausalLM(AudioLanguageModel):
             self.language_model.rope = RotaryEmbedding(config, self.max_positions)
 
     # --- audio --------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] LM-space tensor per item."""
         hidden = self.audio_tower([item.features for item in items])
         embeds = self.audio_projector(torch.cat(hidden)).split([h.shape[0] for h in hidden])

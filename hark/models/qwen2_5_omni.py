@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hark.inputs import AudioItem, ProcessedPrompt, PromptPositions
+from hark.inputs import MultiModalItem, ProcessedPrompt, PromptPositions
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import Linear, MRotaryEmbedding
 from hark.models.llama import Qwen2ForCausalLM
@@ -130,7 +130,7 @@ class Qwen2_5OmniThinkerForConditionalGeneration(AudioLanguageModel):
         return PromptPositions(torch.arange(n).expand(3, n), delta=0)
 
     # --- audio --------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] LM-space tensor per item; the encoder runs once over the batch."""
         embeds = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
         return [e.clone() for e in embeds]      # cached apart from the batch

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel, legacy_name
 from hark.models.layers import Linear
 from hark.models.llama import Qwen2ForCausalLM
@@ -30,7 +30,7 @@ class Qwen2AudioForConditionalGeneration(AudioLanguageModel):
         self._bind_language_model(text_config)
 
     # --- audio --------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] LM-space tensor per item; the encoder runs once over the batch."""
         hidden = self.audio_tower([item.features for item in items], [item.num_frames for item in items])
         embeds = self.multi_modal_projector(torch.cat(hidden)).split([h.shape[0] for h in hidden])

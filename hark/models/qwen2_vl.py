@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from hark.inputs import AudioItem, ProcessedPrompt, PromptPositions
+from hark.inputs import MultiModalItem, ProcessedPrompt, PromptPositions
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.qwen2_5_omni import OmniLanguageModel
 from hark.models.qwen2_vl_vision import Qwen2VLVisionTower
@@ -41,7 +41,7 @@ class Qwen2VLForConditionalGeneration(AudioLanguageModel):
     def prompt_positions(self, prompt: ProcessedPrompt) -> PromptPositions:
         n = len(prompt.prompt_token_ids)
         pieces, pos, prev = [], 0, 0
-        for item, offset in zip(prompt.audio_items, prompt.placeholder_offsets):
+        for item, offset in zip(prompt.mm_items, prompt.placeholder_offsets):
             pieces.append(torch.arange(pos, pos + offset - prev).expand(3, -1))
             pos += offset - prev
             t, h, w = item.grid_thw
@@ -58,7 +58,7 @@ class Qwen2VLForConditionalGeneration(AudioLanguageModel):
         return PromptPositions(positions, delta=int(positions.max()) + 1 - n)
 
     # --- images -------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [t * h * w / 4, H] tensor per image item (features: its pixel_values patches); one tower call."""
         embeds = self.visual([item.features for item in items], [item.grid_thw for item in items])
         return [e.clone() for e in embeds]

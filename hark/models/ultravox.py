@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import Linear, RMSNorm
 from hark.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
@@ -119,7 +119,7 @@ class UltravoxModel(AudioLanguageModel):
         self._bind_language_model(config.text_config)
 
     # --- audio --------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [num_embeds, H] tensor per item; the encoder and projector run once over the batch."""
         frames = [item.num_frames for item in items]
         stacked = [math.ceil(conv_output_frames(n) / self.stack_factor) * self.stack_factor for n in frames]

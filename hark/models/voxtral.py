@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.layers import Linear
 from hark.models.llama import LlamaForCausalLM
@@ -77,7 +77,7 @@ class VoxtralForConditionalGeneration(AudioLanguageModel):
         self._bind_language_model(text_config)
 
     # --- audio --------------------------------------------------------------------------------
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One [375, H] tensor per 30 s window; the encoder and projector run once over the batch."""
         for item in items:
             if item.features.shape[-1] != self.window_frames:

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hark.inputs import AudioItem
 from hark.distributed import state
+from hark.inputs import MultiModalItem
 from hark.models.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding, tie)
 from hark.models.weights import KV, QKV, WeightLoader
 from hark.models.whisper_encoder import WhisperAudioEncoder
-from hark.runner.attention import AttentionMetadata, paged_attention
+from hark.runner.attention import AttentionMetadata
 
 
 class MLP(nn.Module):
@@ -51,7 +51,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed decoder tokens x [T, D] over the paged cache."""
         q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = meta.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.out_proj(o.flatten(1))
 
     def forward_dense(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -214,7 +214,7 @@ class WhisperForConditionalGeneration(nn.Module):
         """Log-mel features [B, n_mels, 3000] -> encoder output [B, 1500, D]."""
         return torch.stack(self._encode(list(features)))
 
-    def embed_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """One encoder output [1500, D] per item. On CPU the encoder runs one window at a time (its
         activations then stay in cache: 400 ms per window against 442 ms in batches of 6, 1 thread),
         elsewhere once over all of them."""

@@ -1,7 +1,7 @@
 """Prompts with audio for decoder-only audio LLMs (Qwen2-Audio, Ultravox, MiniCPM-o): the shared part.
 
 A prompt names each audio with one placeholder token; processing loads the audio, turns it into
-`AudioItem`s and writes each item's span in its place: the placeholder token once per audio
+`MultiModalItem`s and writes each item's span in its place: the placeholder token once per audio
 embedding (MiniCPM-o puts chunk markers between them), so the runner can lay the encoder's outputs
 over exactly those positions.
 
@@ -37,7 +37,7 @@ import torch
 from hark.audio import AudioLimits, load_audio
 from hark.audio.mel import log_mel_spectrogram, valid_frames
 from hark.chat import NO_CHAT_TEMPLATE, template_message
-from hark.inputs import AudioItem, ProcessedPrompt
+from hark.inputs import MultiModalItem, ProcessedPrompt
 from hark.media import MediaPolicy, decode_base64_audio, fetch_media, hash_audio
 from hark.multimodal.content_parts import AUDIO_KINDS, normalize_part
 
@@ -79,20 +79,20 @@ class NamedAudio:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, list[AudioItem]] = OrderedDict()
+        self.entries: OrderedDict[str, list[MultiModalItem]] = OrderedDict()
         self.bytes = 0
 
     @staticmethod
-    def _size(items: list[AudioItem]) -> int:
+    def _size(items: list[MultiModalItem]) -> int:
         return sum(i.features.numel() * i.features.element_size() for i in items)
 
-    def get(self, name: str) -> list[AudioItem] | None:
+    def get(self, name: str) -> list[MultiModalItem] | None:
         items = self.entries.get(name)
         if items is not None:
             self.entries.move_to_end(name)
         return items
 
-    def put(self, name: str, items: list[AudioItem]) -> None:
+    def put(self, name: str, items: list[MultiModalItem]) -> None:
         if name in self.entries:
             self.bytes -= self._size(self.entries.pop(name))
         size = self._size(items)
@@ -168,14 +168,14 @@ class AudioPromptProcessor:
         over the audio tokens among them, in order."""
         return [self.audio_token_id] * num_embeddings
 
-    def item_token_ids(self, item: AudioItem) -> list[int]:
+    def item_token_ids(self, item: MultiModalItem) -> list[int]:
         return self.span_token_ids(item.num_embeds if item.is_embed is None else int(item.is_embed.sum()))
 
     def new_item(self, features, frames: int, key: str, num_embeddings: int, duration_s: float,
-                 embeddings: torch.Tensor | None = None) -> AudioItem:
+                 embeddings: torch.Tensor | None = None) -> MultiModalItem:
         ids = self.span_token_ids(num_embeddings)
         is_embed = None if len(ids) == num_embeddings else torch.tensor(ids) == self.audio_token_id
-        return AudioItem(features, frames, key, len(ids), duration_s, embeddings=embeddings, is_embed=is_embed)
+        return MultiModalItem(features, frames, key, len(ids), duration_s, embeddings=embeddings, is_embed=is_embed)
 
     # --- prompts ------------------------------------------------------------------------------
     def process(self, prompt: str | dict) -> ProcessedPrompt:
@@ -188,7 +188,7 @@ class AudioPromptProcessor:
         """text with each placeholder written as the audio token the tokenizer knows."""
         return text.replace(self.placeholder_text, self.audio_token_text)
 
-    def _expand(self, ids: list[int], groups: list[list[AudioItem]], text: str | None) -> ProcessedPrompt:
+    def _expand(self, ids: list[int], groups: list[list[MultiModalItem]], text: str | None) -> ProcessedPrompt:
         slots = [i for i, t in enumerate(ids) if t == self.audio_token_id]
         if len(slots) != len(groups):
             raise AudioPromptError(
@@ -207,7 +207,7 @@ class AudioPromptProcessor:
         return ProcessedPrompt(out, items, offsets, prompt=text)
 
     # --- audio --------------------------------------------------------------------------------
-    def _audio_groups(self, prompt: dict) -> list[list[AudioItem]]:
+    def _audio_groups(self, prompt: dict) -> list[list[MultiModalItem]]:
         """One list of items per audio of the prompt (several for audio longer than 30 s)."""
         data = prompt.get("multi_modal_data") or {}
         if not isinstance(data, dict):
@@ -232,7 +232,7 @@ class AudioPromptProcessor:
             raise AudioPromptError(f"multi_modal_uuids names {len(uuids)} audios but {len(audios)} were given.")
         return [self._audio_group(a, u) for a, u in zip(audios, uuids or [None] * len(audios))]
 
-    def _audio_group(self, audio, uuid) -> list[AudioItem]:
+    def _audio_group(self, audio, uuid) -> list[MultiModalItem]:
         if audio is None:
             if uuid is None:
                 raise AudioPromptError("an audio in multi_modal_data is None; pass the audio, or None with the "
@@ -260,7 +260,7 @@ class AudioPromptProcessor:
             self.named.put(str(uuid), items)
         return items
 
-    def _embeds_item(self, embeds) -> AudioItem:
+    def _embeds_item(self, embeds) -> MultiModalItem:
         if not self.enable_mm_embeds:
             raise AudioPromptError("audio_embeds are disabled; start the engine with enable_mm_embeds=True.")
         embeds = check_embeds(embeds, self.hidden_size)

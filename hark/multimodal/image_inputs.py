@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hark.chat import NO_CHAT_TEMPLATE, template_message
-from hark.inputs import AudioItem, ProcessedPrompt
+from hark.inputs import MultiModalItem, ProcessedPrompt
 from hark.media import MediaPolicy, fetch_media
 from hark.media.image import ImageLimits, check_image_size, decode_image, to_rgb
 from hark.media.video import VideoLimits, decode_video
@@ -58,7 +58,7 @@ class ImagePromptProcessor:
         self.enable_mm_embeds = False
         self.image_limits = ImageLimits()
         self.media_policy = MediaPolicy()
-        self.named: dict[tuple[str, str], AudioItem] = {}
+        self.named: dict[tuple[str, str], MultiModalItem] = {}
         self.video_limits = VideoLimits()
 
     def configure(self, config) -> None:
@@ -96,7 +96,7 @@ class ImagePromptProcessor:
         text = text.replace(self.placeholder_text, self.image_token_text)
         return text if self.video_token_id is None else text.replace(self.video_placeholder_text, self.video_token_text)
 
-    def _items(self, prompt: dict) -> dict[str, list[AudioItem]]:
+    def _items(self, prompt: dict) -> dict[str, list[MultiModalItem]]:
         data = prompt.get("multi_modal_data") or {}
         if not isinstance(data, dict):
             raise ImagePromptError("multi_modal_data must be a dict such as {'image': [PIL.Image, ...]}.")
@@ -124,29 +124,29 @@ class ImagePromptProcessor:
                 + [self._embeds_item(e) for e in embeds],
                 "video": [self._video_item(v, u) for v, u in zip(videos, video_uuids or [None] * len(videos))]}
 
-    def _named(self, kind: str, uuid) -> AudioItem:
+    def _named(self, kind: str, uuid) -> MultiModalItem:
         item = self.named.get((kind, str(uuid))) if uuid is not None else None
         if item is None:
             raise ImagePromptError(f"an {kind} in multi_modal_data is None and no {kind} was sent earlier under "
                                    f"its multi_modal_uuids name {uuid!r}; send the {kind}.")
         return item
 
-    def _remember(self, kind: str, uuid, item: AudioItem) -> AudioItem:
+    def _remember(self, kind: str, uuid, item: MultiModalItem) -> MultiModalItem:
         if uuid is not None:
             self.named[(kind, str(uuid))] = item
             if len(self.named) > MAX_NAMED:
                 self.named.pop(next(iter(self.named)))
         return item
 
-    def _image_item(self, image, uuid) -> AudioItem:
+    def _image_item(self, image, uuid) -> MultiModalItem:
         if image is None:
             return self._named("image", uuid)
         image = self._as_rgb(image)
         features, num_embeds, grid = self.image_item_inputs(image)
         key = str(uuid) if uuid is not None else image_hash(image, self.model_id)
-        return self._remember("image", uuid, AudioItem(features, 0, key, num_embeds, 0.0, grid_thw=grid))
+        return self._remember("image", uuid, MultiModalItem(features, 0, key, num_embeds, 0.0, grid_thw=grid))
 
-    def _video_item(self, video, uuid) -> AudioItem:
+    def _video_item(self, video, uuid) -> MultiModalItem:
         if video is None:
             return self._named("video", uuid)
         frames, fps = self._as_frames(video)
@@ -155,7 +155,7 @@ class ImagePromptProcessor:
         for frame in frames:
             digest.update(frame.tobytes())
         key = str(uuid) if uuid is not None else digest.hexdigest()
-        item = AudioItem(features, 0, key, num_embeds, len(frames) / fps, grid_thw=grid, fps=fps)
+        item = MultiModalItem(features, 0, key, num_embeds, len(frames) / fps, grid_thw=grid, fps=fps)
         return self._remember("video", uuid, item)
 
     def _as_frames(self, video) -> tuple[list, float]:
@@ -198,13 +198,13 @@ class ImagePromptProcessor:
         check_image_size(*image.size, self.image_limits)
         return to_rgb(image)
 
-    def _embeds_item(self, embeds) -> AudioItem:
+    def _embeds_item(self, embeds) -> MultiModalItem:
         if not self.enable_mm_embeds:
             raise ImagePromptError("image_embeds are disabled; start the engine with enable_mm_embeds=True.")
         embeds = check_embeds(embeds, self.hidden_size)
         digest = hashlib.blake2b(f"image_embeds\0{tuple(embeds.shape)}\0".encode(), digest_size=32)
         digest.update(embeds.float().contiguous().numpy().tobytes())
-        return AudioItem(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
+        return MultiModalItem(torch.empty(0), 0, digest.hexdigest(), embeds.shape[0], 0.0, embeddings=embeds)
 
     # --- chat ---------------------------------------------------------------------------------
     def build_chat_prompt(self, conversation: list[dict], chat_template: str | None, add_generation_prompt: bool,

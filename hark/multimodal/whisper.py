@@ -10,7 +10,7 @@ from hark.transcribe.languages import LANGUAGES
 
 from hark.audio import load_audio
 from hark.audio.mel import log_mel_spectrogram
-from hark.inputs import AudioItem, ProcessedPrompt
+from hark.inputs import MultiModalItem, ProcessedPrompt
 from hark.media.hashing import hash_audio
 
 SAMPLE_RATE = 16000
@@ -53,7 +53,7 @@ class WhisperProcessor:
         if self.english_only:
             token_ids = self._english_only(token_ids)
         item = self._audio_item(encoder)
-        return ProcessedPrompt(prompt_token_ids=token_ids, audio_items=[item], placeholder_offsets=[0], prompt=text)
+        return ProcessedPrompt(prompt_token_ids=token_ids, mm_items=[item], placeholder_offsets=[0], prompt=text)
 
     def _decoder_tokens(self, decoder) -> tuple[list[int], str | None]:
         if decoder is None or decoder == "" or decoder == []:
@@ -80,7 +80,7 @@ class WhisperProcessor:
             end += 1
         return ids[:start] + ids[end:]
 
-    def _audio_item(self, encoder: dict) -> AudioItem:
+    def _audio_item(self, encoder: dict) -> MultiModalItem:
         audio = (encoder.get("multi_modal_data") or {}).get("audio")
         if isinstance(audio, list):
             if len(audio) != 1:
@@ -94,7 +94,7 @@ class WhisperProcessor:
                 f"the audio is {len(samples) / SAMPLE_RATE:.1f} s long; a Whisper prompt takes at most "
                 f"{self.max_samples / SAMPLE_RATE:.0f} s. Use LLM.transcribe, which splits long audio.")
         features, mask = log_mel_spectrogram([samples], n_mels=self.n_mels, n_frames=self.n_frames)
-        return AudioItem(features=features[0], num_frames=int(mask[0].sum()), hash=self._hash(encoder, samples),
+        return MultiModalItem(features=features[0], num_frames=int(mask[0].sum()), hash=self._hash(encoder, samples),
                          num_embeds=0, duration_s=len(samples) / SAMPLE_RATE)
 
     def _hash(self, encoder: dict, samples: np.ndarray) -> str:

@@ -3,13 +3,19 @@
 The CPU backend uses PyTorch SDPA, one call per sequence over its own blocks: 4-D, unmasked
 (or causal) calls take SDPA's flash kernel. One batched call for all decodes over a padded gather
 needs a mask, which sends SDPA to its math path: measured 1.6 s slower over the 253 decode steps of
-benchmarks/audio_chat.py, Python loop included. A GPU backend (FlashAttention / Triton) would
-implement the same `paged_attention` signature.
+benchmarks/audio_chat.py, Python loop included.
+
+A backend is `build_metadata(seqs)` (the step record's scheduled sequences -> its metadata, shared by
+every layer of one forward) and `forward(q, k, v, k_cache, v_cache, meta, scale)`. Models call
+`meta.backend.forward`, so a GPU backend (FlashAttention / Triton, with metadata of its own) fits
+without touching them. `SDPABackend` is the CPU one.
 """
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from hark.step import ScheduledSequence
 
 
 @dataclass
@@ -22,6 +28,7 @@ class AttentionMetadata:
     encoder_states: list[torch.Tensor] | None = None
     cross_caches: list[dict] | None = None
     output_rows: torch.Tensor | None = None  # rows whose hidden state the forward returns (None: all)
+    backend: object = field(default_factory=lambda: SDPABackend, repr=False)   # whose forward the models call
     # Precomputed by prepare(): shared by every layer of one forward.
     decodes: list[tuple[int, int, torch.Tensor]] = field(default_factory=list, repr=False)  # (row, ctx, blocks)
     prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
@@ -81,3 +88,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(q[row].view(1, hkv, -1, d), keys, values, scale=scale)
         out[row] = o.view(-1, d)
     return out
+
+
+class SDPABackend:
+    """The CPU backend: PyTorch SDPA per sequence over its own blocks (paged_attention above)."""
+    forward = staticmethod(paged_attention)
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+
+    def build_metadata(self, seqs: list[ScheduledSequence]) -> AttentionMetadata:
+        bs = self.block_size
+        slots, query_start, context_lens, tables = [], [0], [], []
+        for seq in seqs:
+            start, end = seq.start, seq.start + len(seq.token_ids)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + end - start)
+            context_lens.append(end)
+            tables.append(torch.tensor(table, dtype=torch.long))
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), query_start=query_start,
+            context_lens=context_lens, block_tables=tables, block_size=bs, backend=self).prepare()

@@ -1,28 +1,28 @@
-"""Owns the model and its KV-cache tensors; turns a scheduled batch into one forward pass."""
-from dataclasses import dataclass
+"""Owns the model, its KV-cache tensors and all per-request device state; runs one step record.
 
+Per request id: the prompt and its multimodal items, the encoder output (encoder-decoder models), the
+model's cross-attention K/V, M-RoPE positions. Per sequence id: sampling params and the seeded
+generator. A step's finished ids drop them (hark.step describes the contract). The runner samples:
+the engine gets token ids and logprobs back, never logits.
+"""
 import torch
 
-from hark.engine.encoder_cache import EncoderCache
-from hark.engine.request import Sequence
-from hark.inputs import AudioItem
+from hark.inputs import MultiModalItem
 from hark.lora.rows import AdapterRows, adapter_rows
-from hark.runner.attention import AttentionMetadata
-
-
-@dataclass
-class ForwardResult:
-    sample_rows: list[int]             # indices (into the scheduled seqs) that produce a token
-    logits: torch.Tensor               # [len(sample_rows), V]
-    prompt_logits: dict[int, tuple[torch.Tensor, int]]  # seq index -> (logits of its chunk rows, first position)
+from hark.runner import sampler
+from hark.runner.attention import SDPABackend
+from hark.runner.encoder_cache import EncoderCache
+from hark.runner.state import RequestState, SequenceState
+from hark.step import GrammarMask, ModelRunnerOutput, ScheduledSequence, SchedulerOutput
 
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 encoder_cache_bytes: int):
+                 encoder_cache_bytes: int, eos_token_ids: list[int]):
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.eos_token_ids = list(eos_token_ids)
         shape = (model.num_kv_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         # Uninitialised: attention reads only slots already written, and on CPU untouched pages
         # cost no memory until a block is first used.
@@ -30,16 +30,18 @@ class ModelRunner:
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
         for i, module in enumerate(model.kv_attention_modules()):
             module.k_cache, module.v_cache = self.k_cache[i], self.v_cache[i]
+        self.attention = SDPABackend(block_size, device)
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         # M-RoPE models say where each prompt token sits (model.prompt_positions); others use token indices
         self.model_positions = hasattr(model, "prompt_positions")
+        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[int, SequenceState] = {}
         self.encoder_calls = 0          # batched encoder invocations
-        self.encoder_items = 0          # audio items encoded
+        self.encoder_items = 0          # multimodal items encoded
 
     @staticmethod
-    def num_blocks_for(model, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:
-        per_block = 2 * model.num_kv_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
-        return max(1, memory_bytes // per_block)
+    def block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * model.num_kv_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """KV copy-on-write for forked beams: block dst gets block src's keys and values, in every layer."""
@@ -49,8 +51,20 @@ class ModelRunner:
             self.k_cache[:, dst] = self.k_cache[:, src]
             self.v_cache[:, dst] = self.v_cache[:, src]
 
-    # --- audio encoder ------------------------------------------------------------------------
-    def encode_audio(self, items: list[AudioItem]) -> list[torch.Tensor]:
+    # --- per-request and per-sequence state ----------------------------------------------------
+    def _update_states(self, step: SchedulerOutput) -> None:
+        for seq_id in step.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for request_id in step.finished_request_ids:       # before new ones: an id may be used again
+            self.requests.pop(request_id, None)
+        for r in step.new_requests:
+            self.requests[r.request_id] = RequestState(r.prompt, r.lora_id)
+        for s in step.new_seqs:
+            generator = None if s.seed is None else torch.Generator().manual_seed(s.seed)
+            self.seqs[s.seq_id] = SequenceState(self.requests[s.request_id], s.params, s.num_prompt_tokens, generator)
+
+    # --- multimodal encoders ------------------------------------------------------------------
+    def encode(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
         """Encoder outputs for items, from the cache or one batched encoder call for the misses."""
         found = {i.hash: i.embeddings for i in items if i.embeddings is not None}   # precomputed
         missing = []
@@ -61,7 +75,7 @@ class ModelRunner:
                     missing.append(item)
         if missing:
             with torch.inference_mode():
-                outputs = self.model.embed_audio(missing)
+                outputs = self.model.embed_multimodal(missing)
             self.encoder_calls += 1
             self.encoder_items += len(missing)
             for item, out in zip(missing, outputs):
@@ -69,30 +83,31 @@ class ModelRunner:
                 self.encoder_cache.put(item.hash, out)
         return [found[i.hash] for i in items]
 
-    def _prepare_encoder_states(self, seqs: list[Sequence]) -> None:
-        pending = [s.request for s in seqs if s.request.encoder_state is None]
+    def _prepare_encoder_states(self, requests: list[RequestState]) -> None:
+        pending = [r for r in requests if r.encoder_state is None]
         if pending:
             pending = list({id(r): r for r in pending}.values())
-            states = self.encode_audio([r.prompt.audio_items[0] for r in pending])
+            states = self.encode([r.prompt.mm_items[0] for r in pending])
             for request, state in zip(pending, states):
                 request.encoder_state = state
 
-    def _audio_embeddings(self, seqs, counts, input_ids) -> torch.Tensor | None:
-        """inputs_embeds with audio embeddings placed over the placeholder tokens of this chunk."""
-        needed: list[tuple[int, int, int, AudioItem]] = []   # (row, start, end) within the item's span
+    def _mm_embeddings(self, seqs: list[ScheduledSequence], requests: list[RequestState],
+                       input_ids: torch.Tensor) -> torch.Tensor | None:
+        """inputs_embeds with encoder embeddings placed over the placeholder tokens of this chunk."""
+        needed: list[tuple[int, int, int, MultiModalItem]] = []   # (row, start, end) within the item's span
         row = 0
-        for seq, n in zip(seqs, counts):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            prompt = seq.request.prompt
-            for item, offset in zip(prompt.audio_items, prompt.placeholder_offsets):
+        for seq, request in zip(seqs, requests):
+            start, end = seq.start, seq.start + len(seq.token_ids)
+            prompt = request.prompt
+            for item, offset in zip(prompt.mm_items, prompt.placeholder_offsets):
                 lo, hi = max(start, offset), min(end, offset + item.num_embeds)
                 if lo < hi:
                     needed.append((row + lo - start, lo - offset, hi - offset, item))
-            row += n
+            row += end - start
         if not needed:
             return None
         embeds = self.model.get_input_embeddings(input_ids)
-        outputs = self.encode_audio([item for *_, item in needed])
+        outputs = self.encode([item for *_, item in needed])
         for (row, lo, hi, item), out in zip(needed, outputs):
             if item.is_embed is None:
                 embeds[row: row + hi - lo] = out[lo:hi].to(embeds.dtype)
@@ -102,77 +117,98 @@ class ModelRunner:
                 embeds[rows.to(embeds.device)] = out[first: first + len(rows)].to(embeds.dtype)
         return embeds
 
-    def _model_positions(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+    def _model_positions(self, seqs: list[ScheduledSequence], requests: list[RequestState]) -> torch.Tensor:
         """[3, T] positions of this step's tokens, from each request's model-computed prompt positions."""
         rows = []
-        for seq, n in zip(seqs, counts):
-            request = seq.request
+        for seq, request in zip(seqs, requests):
             if request.positions is None:
                 request.positions = self.model.prompt_positions(request.prompt)
-            rows.append(request.positions.rows(seq.num_computed_tokens, seq.num_computed_tokens + n))
+            rows.append(request.positions.rows(seq.start, seq.start + len(seq.token_ids)))
         return torch.cat(rows, dim=1)
 
     @staticmethod
-    def _adapter_rows(seqs: list[Sequence], counts: list[int], output_rows: list[int] | None) -> AdapterRows | None:
+    def _adapter_rows(seqs: list[ScheduledSequence], requests: list[RequestState],
+                      output_rows: list[int] | None) -> AdapterRows | None:
         """The LoRA adapter of each row of this step (None when no sequence has one)."""
-        if all(s.request.lora_request is None for s in seqs):
+        if not any(r.lora_id for r in requests):
             return None
-        ids = [i for s, n in zip(seqs, counts) for i in [s.request.lora_int_id] * n]
+        ids = [i for s, r in zip(seqs, requests) for i in [r.lora_id] * len(s.token_ids)]
         return AdapterRows.of(ids, output_rows)
 
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence], counts: list[int]) -> ForwardResult:
-        bs = self.block_size
-        input_ids, positions, slots, query_start, context_lens, tables = [], [], [], [0], [], []
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(step)
+        self.copy_blocks(step.block_copies)
+        seqs = step.seqs
+        if not seqs:
+            return ModelRunnerOutput()
+        states = [self.seqs[s.seq_id] for s in seqs]
+        requests = [s.request for s in states]
+        meta = self.attention.build_metadata(seqs)
+        query_start = meta.query_start
+        input_ids, positions = [], []
         sample_rows, logit_rows, prompt_spans = [], [], {}
-        for i, (seq, n) in enumerate(zip(seqs, counts)):
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
+        for i, seq in enumerate(seqs):
+            input_ids.extend(seq.token_ids)
             if not self.model_positions:
-                positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(query_start[-1] + n)
-            context_lens.append(end)
-            tables.append(torch.tensor(table, dtype=torch.long))
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                last = min(end, seq.num_prompt_tokens - 1)     # rows predicting prompt tokens 1..
-                prompt_spans[i] = (len(logit_rows), last - start, start)
-                logit_rows.extend(range(query_start[-2], query_start[-2] + last - start))
-            if end == seq.num_tokens:
+                positions.extend(range(seq.start, seq.start + len(seq.token_ids)))
+            if seq.prompt_logprob_targets:                 # rows predicting prompt tokens start + 1..
+                n = len(seq.prompt_logprob_targets)
+                prompt_spans[seq.seq_id] = (len(logit_rows), n, seq.prompt_logprob_targets)
+                logit_rows.extend(range(query_start[i], query_start[i] + n))
+            if seq.sample:
                 sample_rows.append(i)
         sample_logit_start = len(logit_rows)
         logit_rows.extend(query_start[i + 1] - 1 for i in sample_rows)
 
         dev = self.device
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), query_start=query_start,
-            context_lens=context_lens, block_tables=tables, block_size=bs)
         inputs_embeds = None
         if self.model.is_encoder_decoder:
-            self._prepare_encoder_states(seqs)
-            meta.encoder_states = [s.request.encoder_state for s in seqs]
-            meta.cross_caches = [s.request.cross_cache for s in seqs]
-        elif any(s.request.prompt.audio_items for s in seqs):
-            inputs_embeds = self._audio_embeddings(seqs, counts, ids)
+            self._prepare_encoder_states(requests)
+            meta.encoder_states = [r.encoder_state for r in requests]
+            meta.cross_caches = [r.cross_cache for r in requests]
+        elif any(r.prompt.mm_items for r in requests):
+            inputs_embeds = self._mm_embeddings(seqs, requests, ids)
         reorder = None
         if logit_rows != list(range(len(input_ids))):
             if len(logit_rows) == len(input_ids):    # all rows out of order (prompt logprobs of several sequences)
                 reorder = torch.tensor(logit_rows, dtype=torch.long, device=dev)
             else:
                 meta.output_rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
-        meta.prepare()
         if self.model_positions:
-            positions = self._model_positions(seqs, counts).to(dev)
+            positions = self._model_positions(seqs, requests).to(dev)
         else:
             positions = torch.tensor(positions, dtype=torch.long, device=dev)
-        with adapter_rows(self._adapter_rows(seqs, counts, logit_rows if meta.output_rows is not None else None)):
+        with adapter_rows(self._adapter_rows(seqs, requests, logit_rows if meta.output_rows is not None else None)):
             hidden = self.model(ids, positions, meta, inputs_embeds=inputs_embeds)
         if reorder is not None:
             hidden = hidden[reorder]
         logits = self.model.compute_logits(hidden) if logit_rows else hidden.new_zeros(0, 0)
-        prompt_logits = {i: (logits[a: a + n], first) for i, (a, n, first) in prompt_spans.items()}
-        return ForwardResult(sample_rows, logits[sample_logit_start:], prompt_logits)
+        out = ModelRunnerOutput()
+        for seq_id, (a, n, targets) in prompt_spans.items():
+            k = self.seqs[seq_id].params.prompt_logprobs
+            out.prompt_logprobs[seq_id] = sampler.prompt_logprobs(logits[a: a + n], targets, k)
+        if sample_rows:
+            self._sample(seqs, states, sample_rows, logits[sample_logit_start:], step.grammar_mask, out)
+        return out
+
+    def _sample(self, seqs: list[ScheduledSequence], states: list[SequenceState], sample_rows: list[int],
+                logits: torch.Tensor, grammar_mask: GrammarMask | None, out: ModelRunnerOutput) -> None:
+        """Next tokens of the rows that sample; beam-search rows give their best candidates instead."""
+        for i in sample_rows:
+            seq, state = seqs[i], states[i]
+            state.num_tokens = seq.start + len(seq.token_ids)
+            if seq.history is not None:
+                state.token_ids = seq.history
+        plain = [r for r, i in enumerate(sample_rows) if not seqs[i].num_candidates]
+        if plain:
+            rows = logits if len(plain) == len(sample_rows) else logits[plain]
+            sampled = sampler.sample(rows, [states[sample_rows[r]] for r in plain], self.eos_token_ids, grammar_mask)
+            out.token_ids, out.logprobs, out.top_logprobs = sampled.token_ids, sampled.logprobs, sampled.top_logprobs
+        beams = [r for r, i in enumerate(sample_rows) if seqs[i].num_candidates]
+        if beams:
+            k = max(seqs[sample_rows[r]].num_candidates for r in beams)
+            out.beam_logprobs, out.beam_token_ids = sampler.beam_candidates(
+                logits[beams], [states[sample_rows[r]] for r in beams], self.eos_token_ids, k)

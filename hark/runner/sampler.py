@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hark.engine.request import Sequence
-from hark.engine.structured_output import GrammarMask
+from hark.runner.state import SequenceState as Sequence
+from hark.step import GrammarMask
 from hark.outputs import Logprob
 
 

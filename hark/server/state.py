@@ -64,7 +64,7 @@ class ServedModel:
 
     @property
     def is_whisper(self) -> bool:
-        return bool(getattr(self.engine.engine.model, "is_encoder_decoder", False))
+        return self.engine.engine.is_encoder_decoder
 
     @property
     def transcribes_by_prompt(self) -> bool:

@@ -16,15 +16,15 @@ DECADES_KEPT = 8.0 / 4.0      # the clamp range in feature units ((log10 + 4) / 
 
 
 def peak_level(processed: ProcessedPrompt) -> float:
-    return float(processed.audio_items[0].features.max())
+    return float(processed.mm_items[0].features.max())
 
 
 def with_input_floor(processed: ProcessedPrompt, input_peak: float) -> ProcessedPrompt:
     """`processed` with its window's log-mel clamped at `input_peak` (the input's peak_level) - 8 decades.
     A changed item gets its own hash, so cached encoder outputs of the unclamped window are not reused."""
-    item = processed.audio_items[0]
+    item = processed.mm_items[0]
     if peak_level(processed) >= input_peak:
         return processed
     floor = input_peak - DECADES_KEPT
     item = replace(item, features=item.features.clamp(min=floor), hash=f"{item.hash}/floor{floor:.6f}")
-    return replace(processed, audio_items=[item])
+    return replace(processed, mm_items=[item])

@@ -142,7 +142,7 @@ class TranscriptionRun:
 
     def __init__(self, engine, audio: list, opts: TranscriptionOptions, limits: AudioLimits = OFFLINE_LIMITS,
                  progress: ProgressCallback | None = None):
-        if not getattr(engine.model, "is_encoder_decoder", False):
+        if not engine.is_encoder_decoder:
             raise InvalidTranscriptionRequest("transcription needs a Whisper model; this LLM serves a different kind")
         self.engine, self.opts = engine, opts
         self.vocab = vocab = WhisperVocab.from_checkpoint(engine.tokenizer, engine.loaded.generation_config)
@@ -394,7 +394,7 @@ def _dense_batches(engine, windows: list[Window], tokens: list[list[int]]):
         rows = tokens[start:start + DENSE_BATCH]
         length = max(len(r) for r in rows)
         ids = torch.tensor([r + [engine.eos_token_ids[0]] * (length - len(r)) for r in rows])
-        states = torch.stack(engine.runner.encode_audio([w.processed.audio_items[0] for w in batch]))
+        states = torch.stack(engine.encode([w.processed.mm_items[0] for w in batch]))
         yield batch, ids, states
 
 
@@ -403,7 +403,7 @@ def _probe_start_of_transcript(engine, vocab: WhisperVocab, windows: list[Window
     window's most likely language (None for English-only models)."""
     detected = []
     for batch, ids, states in _dense_batches(engine, windows, [[vocab.sot]] * len(windows)):
-        logits, _ = engine.model.decode_dense(states, ids.to(states.device))
+        logits, _ = engine.decode_dense(states, ids)
         probs = logits[:, 0].float().softmax(dim=-1)
         for w, p in zip(batch, probs):
             w.no_speech_prob = p[vocab.no_speech].item()
@@ -461,13 +461,13 @@ def _add_word_timestamps(engine, vocab: WhisperVocab, windows: list[Window], lan
     rows = [p + t + [vocab.eot] for p, t in zip(prompts, texts)]
     alignments = []
     for batch, ids, states in _dense_batches(engine, spoken, rows):
-        logits, cross = engine.model.decode_dense(states, ids.to(states.device), return_cross_attn=True)
+        logits, cross = engine.decode_dense(states, ids, return_cross_attn=True)
         for b, w in enumerate(batch):
             i = len(alignments)
             length = len(rows[i])
             attention = torch.stack([cross[layer][b, head, :length] for layer, head in heads])
             alignments.append(align_words(vocab, languages[w.source], texts[i], logits[b, :length], attention,
-                                          w.processed.audio_items[0].num_frames, len(prompts[i])))
+                                          w.processed.mm_items[0].num_frames, len(prompts[i])))
     last_speech = {}
     for w, alignment in zip(spoken, alignments):
         trim_silence(alignment, w.samples)

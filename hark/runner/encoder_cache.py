@@ -1,4 +1,4 @@
-"""LRU cache of audio-encoder outputs keyed by content hash, under a byte budget."""
+"""LRU cache of encoder outputs (audio, images, video) keyed by content hash, under a byte budget."""
 from collections import OrderedDict
 
 import torch
