@@ -146,7 +146,7 @@ class WorkerGroup:
         raise RuntimeError(self.error) from error
 
     def shutdown(self) -> None:
-        """Stops the workers (a stop message, then a kill for those that do not exit in 5 s)."""
+        """Stops the workers (a stop message, then a kill for those that do not exit in 30 s)."""
         if self.closed:
             return
         self.closed = True
@@ -157,7 +157,7 @@ class WorkerGroup:
             except OSError:
                 pass
         for p in self.procs:
-            p.join(5.0)
+            p.join(30.0)
             if p.is_alive():
                 p.kill()
                 p.join(5.0)
