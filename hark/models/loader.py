@@ -12,7 +12,8 @@ from hark.models import registry
 
 # model_type: module with read_config(path, raw_json) for configs AutoConfig cannot read (hub remote code),
 # and read_tokenizer(path) where the tokenizer class is remote code too
-CONFIG_READERS = {"ultravox": "hark.models.ultravox", "minicpmo": "hark.models.minicpmo"}
+CONFIG_READERS = {"ultravox": "hark.models.ultravox", "minicpmo": "hark.models.minicpmo",
+                  "phi3_v": "hark.models.phi3_vision"}
 # model_type: module with read_tokenizer(path) only (the config is transformers' own)
 TOKENIZER_READERS = {"voxtral": "hark.models.voxtral"}
 

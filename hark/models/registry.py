@@ -24,6 +24,8 @@ _MODELS = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,             # the same model; its vision tower differs
     "Phi4MultimodalForCausalLM": ("hark.models.phi4_multimodal", "Phi4MultimodalForCausalLM",
                                   "hark.multimodal.phi4_multimodal", "Phi4MultimodalProcessor"),
+    "Phi3VForCausalLM": ("hark.models.phi3_vision", "Phi3VForCausalLM", "hark.multimodal.phi3_vision",
+                         "Phi3VisionProcessor"),
     "MiniCPMO": ("hark.models.minicpmo", "MiniCPMO", "hark.multimodal.minicpmo", "MiniCPMOProcessor"),
     "VoxtralForConditionalGeneration": ("hark.models.voxtral", "VoxtralForConditionalGeneration",
                                         "hark.multimodal.voxtral", "VoxtralProcessor"),

@@ -46,10 +46,9 @@ class ImagePromptProcessor:
     num_video_frames = 32         # frames sampled from an encoded video (as vLLM's num_frames)
 
     def __init__(self, tokenizer, model_path: str, image_token_id: int, hidden_size: int):
-        from transformers import AutoImageProcessor
         self.tokenizer = tokenizer
         self.model_id = model_path
-        self.image_processor = AutoImageProcessor.from_pretrained(model_path)
+        self.image_processor = self.load_image_processor(model_path)
         self.image_token_id = image_token_id
         self.image_token_text = tokenizer.convert_ids_to_tokens(image_token_id)
         self.hidden_size = hidden_size
@@ -60,6 +59,11 @@ class ImagePromptProcessor:
         self.media_policy = MediaPolicy()
         self.named: dict[tuple[str, str], MultiModalItem] = {}
         self.video_limits = VideoLimits()
+
+    def load_image_processor(self, model_path: str):
+        """The checkpoint's image processor (transformers')."""
+        from transformers import AutoImageProcessor
+        return AutoImageProcessor.from_pretrained(model_path)
 
     def configure(self, config) -> None:
         """Takes the limits and media policy of an EngineConfig."""
@@ -72,7 +76,7 @@ class ImagePromptProcessor:
     def process(self, prompt: str | dict) -> ProcessedPrompt:
         prompt = as_prompt_dict(prompt, ImagePromptError)
         items = self._items(prompt)
-        ids = prompt_token_ids(prompt, lambda text: self.tokenizer.encode(self.token_text(text)), ImagePromptError)
+        ids = prompt_token_ids(prompt, self.encode_prompt, ImagePromptError)
         tokens = {self.image_token_id: "image", self.video_token_id: "video"}
         slots = [(i, tokens[t]) for i, t in enumerate(ids) if t in tokens]
         for kind, placeholder in (("image", self.placeholder_text), ("video", self.video_placeholder_text)):
@@ -91,6 +95,18 @@ class ImagePromptProcessor:
             prev = slot + 1
         out.extend(ids[prev:])
         return ProcessedPrompt(out, ordered, offsets, prompt=prompt.get("prompt"))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt's text, each image placeholder one image token."""
+        return self.tokenizer.encode(self.token_text(text))
+
+    def encode_chat_text(self, text: str) -> list[int]:
+        """Token ids of a rendered chat template (which writes any special tokens itself)."""
+        return self.tokenizer.encode(self.token_text(text), add_special_tokens=False)
+
+    def chat_image_placeholder(self, index: int) -> str:
+        """What a chat message whose template takes text holds for the conversation's index-th image (1-based)."""
+        return self.chat_placeholder
 
     def token_text(self, text: str) -> str:
         text = text.replace(self.placeholder_text, self.image_token_text)
@@ -222,11 +238,12 @@ class ImagePromptProcessor:
                 messages.append(template_message(message, [{"type": "text", "text": text}] if as_list_content
                                                  else text))
                 continue
-            parts = []
+            parts, pieces = [], []      # template parts; the text pieces of a template that takes text
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
+                    pieces.append(part.get("text", ""))
                     continue
                 if kind == "image_url" or (kind == "video_url" and video_kinds):
                     spec = part.get(kind)
@@ -243,16 +260,14 @@ class ImagePromptProcessor:
                 else:
                     raise ImagePromptError(f"content part type {kind!r} is not supported by this model; use text, "
                                            f"image_url, image, image_embeds{', video_url, video' if video_kinds else ''}.")
-                parts.append({"type": "video" if kind in video_kinds else "image"})
-            if as_list_content:
-                messages.append(template_message(message, parts))
-            else:
-                marks = {"image": self.chat_placeholder, "video": self.video_chat_placeholder}
-                text = "\n".join(marks[p["type"]] if p["type"] in marks else p["text"] for p in parts)
-                messages.append(template_message(message, text))
+                is_video = kind in video_kinds
+                parts.append({"type": "video" if is_video else "image"})
+                pieces.append(self.video_chat_placeholder if is_video
+                              else self.chat_image_placeholder(len(images) + len(embeds)))
+            messages.append(template_message(message, parts if as_list_content else "\n".join(pieces)))
         text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
-        ids = self.tokenizer.encode(self.token_text(text), add_special_tokens=False)
+        ids = self.encode_chat_text(text)
         data = {}
         if images:
             data["image"] = images
