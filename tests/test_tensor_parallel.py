@@ -252,3 +252,25 @@ def test_builtin_whisper_tiny_en_transcribes_as_one_rank():
     assert got.text == want.text and "young man" in got.text
     assert [(w.word, w.start, w.end) for w in got.words] == [(w.word, w.start, w.end) for w in want.words]
     assert got_beam == want_beam
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_qkv_slices_of_a_rank_fused_or_not(monkeypatch, num_kv_heads):
+    """Rank 1 of 2 takes query heads 2-3 and its K/V heads (head 0 of 1, head 1 of 2, heads 2-3 of 4),
+    from separate q/k/v tensors and from a checkpoint that fuses them (Phi-3's qkv_proj) alike."""
+    from hark.distributed import state
+    from hark.models.parallel import QKVParallelLinear
+    monkeypatch.setattr(state, "_rank", 1)
+    monkeypatch.setattr(state, "_world", 2)
+    d, hidden = 3, 5
+    q, k, v = torch.randn(4 * d, hidden), torch.randn(num_kv_heads * d, hidden), torch.randn(num_kv_heads * d, hidden)
+    kv = {1: slice(0, d), 2: slice(d, 2 * d), 4: slice(2 * d, 4 * d)}[num_kv_heads]
+    want = torch.cat([q[2 * d:4 * d], k[kv], v[kv]])
+    separate = QKVParallelLinear(hidden, d, 4, num_kv_heads, bias=False)
+    for shard_id, tensor in zip("qkv", (q, k, v)):
+        separate.weight.weight_loader(separate.weight, tensor, shard_id)
+    fused = QKVParallelLinear(hidden, d, 4, num_kv_heads, bias=False)
+    fused.weight.weight_loader(fused.weight, torch.cat([q, k, v]))
+    assert torch.equal(separate.weight, want) and torch.equal(fused.weight, want)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide"):
+        QKVParallelLinear(hidden, d, 3, 3, bias=False)
