@@ -25,6 +25,7 @@ class Executor:
         self.loaded = load_model(config)            # model, tokenizer, processor, configs
         self.model = self.loaded.model if self.group is None else self.group.attach(self.loaded.model)
         self.is_encoder_decoder = bool(getattr(self.model, "is_encoder_decoder", False))
+        self.cross_attends_items = hasattr(self.model, "encoder_state")    # mllama: every token sees the images
         self.max_positions = getattr(self.model, "max_positions", None)
         self.dtype = next(self.model.parameters()).dtype
         self.runner: ModelRunner | None = None      # once the engine has sized the KV cache

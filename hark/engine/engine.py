@@ -172,8 +172,8 @@ class LLMEngine:
         n_prompt = len(processed.prompt_token_ids)
         request = Request(request_id, processed, params, lora_request=lora_request)
         request.metrics = RequestMetrics(arrival_time=time.time(), num_prompt_tokens=n_prompt)
-        if self.is_encoder_decoder:
-            request.cache_salt = processed.mm_items[0].hash if processed.mm_items else None
+        if self.is_encoder_decoder or self.executor.cross_attends_items:     # every token sees the items
+            request.cache_salt = "\0".join(item.hash for item in processed.mm_items) or None
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         if params.uses_beam_search:

@@ -20,6 +20,8 @@ _MODELS = {
     "UltravoxModel": ("hark.models.ultravox", "UltravoxModel", "hark.multimodal.ultravox", "UltravoxProcessor"),
     "LlavaForConditionalGeneration": ("hark.models.llava", "LlavaForConditionalGeneration", "hark.multimodal.llava",
                                       "LlavaProcessor"),
+    "MllamaForConditionalGeneration": ("hark.models.mllama", "MllamaForConditionalGeneration",
+                                       "hark.multimodal.mllama", "MllamaProcessor"),
     "Qwen2VLForConditionalGeneration": _QWEN2_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,             # the same model; its vision tower differs
     "Phi4MultimodalForCausalLM": ("hark.models.phi4_multimodal", "Phi4MultimodalForCausalLM",

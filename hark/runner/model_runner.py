@@ -34,6 +34,9 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         # M-RoPE models say where each prompt token sits (model.prompt_positions); others use token indices
         self.model_positions = hasattr(model, "prompt_positions")
+        # models that cross-attend to all of a prompt's items (mllama's images) make each request's encoder
+        # state from those items' encoder outputs (model.encoder_state); Whisper's is its one clip's output
+        self.cross_attends_items = hasattr(model, "encoder_state")
         self.requests: dict[str, RequestState] = {}
         self.seqs: dict[int, SequenceState] = {}
         self.encoder_calls = 0          # batched encoder invocations
@@ -87,6 +90,12 @@ class ModelRunner:
         pending = [r for r in requests if r.encoder_state is None]
         if pending:
             pending = list({id(r): r for r in pending}.values())
+            if self.cross_attends_items:
+                outputs = iter(self.encode([item for r in pending for item in r.prompt.mm_items]))
+                for request in pending:
+                    items = [next(outputs) for _ in request.prompt.mm_items]
+                    request.encoder_state = self.model.encoder_state(request.prompt, items)
+                return
             states = self.encode([r.prompt.mm_items[0] for r in pending])
             for request, state in zip(pending, states):
                 request.encoder_state = state
@@ -165,7 +174,7 @@ class ModelRunner:
         dev = self.device
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         inputs_embeds = None
-        if self.model.is_encoder_decoder:
+        if self.model.is_encoder_decoder or self.cross_attends_items:
             self._prepare_encoder_states(requests)
             meta.encoder_states = [r.encoder_state for r in requests]
             meta.cross_caches = [r.cross_cache for r in requests]
