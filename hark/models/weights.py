@@ -21,11 +21,17 @@ class WeightLoader:
         self.loaded: set[str] = set()
         self.what = what
 
-    def copy(self, target: str, tensor: torch.Tensor, checkpoint_name: str, shard_id=None) -> None:
+    def copy(self, target: str, tensor: torch.Tensor, checkpoint_name: str, rows: slice | None = None,
+             shard_id=None) -> None:
+        """tensor into parameter `target`: into its `rows` (a model's own stacking, not tensor-parallel), or
+        through its weight_loader (shard_id: which stacked part it is)."""
         param = self.params.get(target)
         if param is None:
             raise ValueError(f"checkpoint has an unexpected {self.what} {checkpoint_name!r}")
-        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
+        if rows is not None:
+            param.data[rows].copy_(tensor)
+        else:
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
         self.loaded.add(target)
 
     def load(self, target: str, tensor: torch.Tensor, checkpoint_name: str, stacked=()) -> None:
@@ -37,7 +43,7 @@ class WeightLoader:
                 if parts[-2] == projection:
                     fused_target = ".".join(parts[:-2] + [fused, parts[-1]])
                     if fused_target in self.params:
-                        self.copy(fused_target, tensor, checkpoint_name, shard_id)
+                        self.copy(fused_target, tensor, checkpoint_name, shard_id=shard_id)
                         return
         self.copy(target, tensor, checkpoint_name)
 
