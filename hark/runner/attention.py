@@ -3,13 +3,18 @@
 The CPU backend uses PyTorch SDPA, one call per sequence over its own blocks: 4-D, unmasked
 (or causal) calls take SDPA's flash kernel. One batched call for all decodes over a padded gather
 needs a mask, which sends SDPA to its math path: measured 1.6 s slower over the 253 decode steps of
-benchmarks/audio_chat.py, Python loop included.
+benchmarks/audio_chat.py, Python loop included (and, on 24 decodes of 40-500 positions, a batched
+matmul over the padded gather, or block-diagonal queries against all KV heads at once, cost as
+much CPU time as the loop: the padding doubles the keys). The decode loop runs on one thread: each
+of its calls is too small to share, and on 2 cores two threads made every one of them a fork and
+a join (1.65 ms a layer against 0.96 ms on one thread, 24 decodes).
 
 A backend is `build_metadata(seqs)` (the step record's scheduled sequences -> its metadata, shared by
 every layer of one forward) and `forward(q, k, v, k_cache, v_cache, meta, scale)`. Models call
 `meta.backend.forward`, so a GPU backend (FlashAttention / Triton, with metadata of its own) fits
 without touching them. `SDPABackend` is the CPU one.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -79,15 +84,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
             scale=scale, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
+    if not meta.decodes:
+        return out
     hkv, d = k_cache.shape[2], k_cache.shape[3]
-    for row, ctx, blocks in meta.decodes:
-        # One query: the query heads sharing a KV head become that head's "positions", so GQA needs
-        # no repeated K/V. index_select gathers blocks far faster than fancy indexing.
-        keys = k_cache.index_select(0, blocks).view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
-        values = v_cache.index_select(0, blocks).view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q[row].view(1, hkv, -1, d), keys, values, scale=scale)
-        out[row] = o.view(-1, d)
+    with one_thread(q.device):
+        for row, ctx, blocks in meta.decodes:
+            # One query: the query heads sharing a KV head become that head's "positions", so GQA needs
+            # no repeated K/V. index_select gathers blocks far faster than fancy indexing.
+            keys = k_cache.index_select(0, blocks).view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
+            values = v_cache.index_select(0, blocks).view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q[row].view(1, hkv, -1, d), keys, values, scale=scale)
+            out[row] = o.view(-1, d)
     return out
+
+
+@contextmanager
+def one_thread(device: torch.device):
+    """Runs the block on one intra-op thread (CPU only), then restores the thread count."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class SDPABackend:
