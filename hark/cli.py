@@ -120,12 +120,16 @@ def add_vllm_engine_flags(p) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="accepted; hark always runs eagerly")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="accepted; hark sizes the KV cache by its own budget")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="must be 1")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="processes (ranks) the model is split over, one torch.distributed rank each")
+    p.add_argument("--distributed-executor-backend", choices=("mp",), default=None,
+                   help="how ranks are started: mp (local processes, the default)")
 
 
 def vllm_engine_flags(args) -> dict:
     return {"trust_remote_code": args.trust_remote_code, "enforce_eager": args.enforce_eager,
-            "gpu_memory_utilization": args.gpu_memory_utilization, "tensor_parallel_size": args.tensor_parallel_size}
+            "gpu_memory_utilization": args.gpu_memory_utilization, "tensor_parallel_size": args.tensor_parallel_size,
+            "distributed_executor_backend": args.distributed_executor_backend}
 
 
 HOSTNAME = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]+)?$")

@@ -33,6 +33,8 @@ class EngineConfig:
     max_loras: int = 1                   # adapters one batch may mix
     max_lora_rank: int = 16              # adapters of a higher rank are refused
     max_cpu_loras: int | None = None     # adapters kept loaded (default: max_loras)
+    tensor_parallel_size: int = 1        # ranks (processes) the model is split over
+    distributed_executor_backend: str | None = None     # "mp" (the default: local processes)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -45,6 +47,12 @@ class EngineConfig:
             raise ValueError(f"max_loras and max_lora_rank must be ≥ 1, got {self.max_loras} and {self.max_lora_rank}.")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be ≥ max_loras ({self.max_loras}).")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer ≥ 1, got {self.tensor_parallel_size!r}.")
+        if self.distributed_executor_backend not in (None, "mp"):
+            raise ValueError(f"distributed_executor_backend must be 'mp', got {self.distributed_executor_backend!r}.")
+        if self.tensor_parallel_size > 1 and self.enable_lora:
+            raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1.")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}.")
 

@@ -42,14 +42,13 @@ class EngineArgs(EngineConfig):
     compilation_config: object = None
     fully_sharded_loras: bool = False
     lora_dtype: str = "auto"
-    tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
 
     def __post_init__(self):
         super().__post_init__()
-        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-            raise ValueError("hark runs a model on one device: tensor_parallel_size and pipeline_parallel_size "
-                             f"must be 1, got {self.tensor_parallel_size} and {self.pipeline_parallel_size}.")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError("hark splits a model by tensor parallelism only: pipeline_parallel_size must be 1, "
+                             f"got {self.pipeline_parallel_size}.")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineArgs":

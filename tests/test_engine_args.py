@@ -34,7 +34,9 @@ def test_unknown_argument_lists_the_accepted_ones(qwen2_ckpt):
     with pytest.raises(ValueError, match="unknown engine argument.*max_num_sequences.*accepts: model.*max_num_seqs"):
         LLM(qwen2_ckpt[0], max_num_sequences=4)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLM(qwen2_ckpt[0], tensor_parallel_size=2)
+        LLM(qwen2_ckpt[0], tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        LLM(qwen2_ckpt[0], pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="LoRA"):
         LLM(qwen2_ckpt[0], max_model_len=64).generate("x", lora_request=object())
 

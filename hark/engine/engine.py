@@ -453,6 +453,10 @@ class LLMEngine:
         text = self.detokenizer.decode(shown, params.skip_special_tokens)
         return CompletionOutput(index, text, h.token_ids, h.cum_logprob, h.logprobs, h.finish_reason, h.stop_reason)
 
+    def shutdown(self) -> None:
+        """Stops the executor's tensor-parallel worker ranks (nothing to do on one rank)."""
+        self.executor.shutdown()
+
     # --- stats --------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {

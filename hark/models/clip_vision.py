@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hark.models.layers import Linear, by_row_blocks
-from hark.models.weights import WeightLoader
+from hark.models.parallel import QKVParallelLinear
+from hark.models.weights import QKV, WeightLoader
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -26,7 +27,7 @@ class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv_proj = Linear(dim, 3 * dim)
+        self.qkv_proj = QKVParallelLinear(dim, self.head_dim, num_heads, num_heads, bias=True, shard=False)
         self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,15 +92,9 @@ class CLIPVisionTower(nn.Module):
         """transformers' CLIPVisionModel names, with or without the vision_model. prefix; the unused
         post_layernorm (and the layers past the deepest feature layer) may be in the checkpoint."""
         loader = WeightLoader(self, "vision tower weight")
-        d = self.class_embedding.shape[0]
         for name, tensor in weights:
             name = name.removeprefix("vision_model.").replace("embeddings.", "").replace("encoder.", "").replace("mlp.", "")
             if name.startswith("post_layernorm.") or name == "position_ids":
                 continue
-            parts = name.split(".")
-            if len(parts) == 5 and parts[3] in ("q_proj", "k_proj", "v_proj"):
-                shard = ("q_proj", "k_proj", "v_proj").index(parts[3])
-                loader.copy(".".join(parts[:3] + ["qkv_proj", parts[4]]), tensor, name, slice(shard * d, (shard + 1) * d))
-            else:
-                loader.copy(name, tensor, name)
+            loader.load(name, tensor, name, QKV)
         loader.check_complete()

@@ -1,7 +1,6 @@
-"""Building blocks shared by hark's models: linear layers, norms, rotary embeddings, fused MLP."""
+"""Building blocks shared by hark's models: linear layers, norms, rotary embeddings, row blocks."""
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from hark.lora.rows import row_window
 
@@ -132,19 +131,3 @@ def by_row_blocks(fn, x: torch.Tensor, width: int) -> torch.Tensor:
         with row_window(x.shape[0], start):       # LoRA linears inside see this block's rows
             out[start:start + rows] = fn(x[start:start + rows])
     return out
-
-
-class SiluGatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
-
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
-        super().__init__()
-        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = Linear(intermediate, hidden, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return by_row_blocks(self.rows_forward, x, self.gate_up_proj.out_features)
-
-    def rows_forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)

@@ -2,25 +2,47 @@
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hark.models.layers import Linear, RMSNorm, RotaryEmbedding, SiluGatedMLP
-from hark.models.weights import WeightLoader
+from hark.models.layers import RMSNorm, RotaryEmbedding, by_row_blocks
+from hark.models.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                  VocabParallelEmbedding, tie)
+from hark.models.weights import GATE_UP, QKV, WeightLoader
 from hark.runner.attention import AttentionMetadata
 
 
+class SiluGatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (this rank's columns)."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return by_row_blocks(self.rows_forward, x, self.gate_up_proj.out_features)
+
+    def rows_forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
 class Attention(nn.Module):
+    """This rank's query heads and their K/V heads (all of them in a world of one)."""
+
     def __init__(self, config, qkv_bias: bool):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = config.num_key_value_heads or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size,
-                                bias=getattr(config, "attention_bias", False) and not qkv_bias)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
+                                        bias=getattr(config, "attention_bias", False) and not qkv_bias)
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, rows=None):
@@ -60,13 +82,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, self.qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            tie(self.lm_head, self.embed_tokens)
         self.rope = RotaryEmbedding(config, config.max_position_embeddings)
         attn = self.layers[0].self_attn
         self.num_kv_layers, self.num_kv_heads, self.head_dim = len(self.layers), attn.num_kv_heads, attn.head_dim
@@ -86,13 +108,14 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, self.rope, meta)
         return self.norm(self.layers[-1](x, positions, self.rope, meta, meta.output_rows))
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary (None on tensor-parallel ranks other than 0)."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], prefix: str = "model.") -> None:
         """Loads HF names (model.layers.N.self_attn.q_proj.weight, lm_head.weight, ...)."""
         loader = WeightLoader(self)
-        fused = {part: (name, i) for name, parts in self.packed_modules.items() for i, part in enumerate(parts)}
         for name, tensor in weights:
             if name == "lm_head.weight":
                 if self.tie_word_embeddings:
@@ -104,24 +127,13 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if "rotary_emb" in target:
                 continue
-            parts = target.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                fused_name, shard = fused[parts[-2]]
-                target = ".".join(parts[:-2] + [fused_name, parts[-1]])
-                sizes = self.shard_sizes(fused_name)
-                offset = sum(sizes[:shard])
-                loader.copy(target, tensor, name, slice(offset, offset + sizes[shard]))
-                continue
-            loader.copy(target, tensor, name)
+            loader.load(target, tensor, name, QKV + GATE_UP)
         loader.check_complete()
 
     def shard_sizes(self, fused_name: str) -> list[int]:
-        """Output rows of each projection that packed_modules[fused_name] stacks."""
-        if fused_name == "qkv_proj":
-            a = self.layers[0].self_attn
-            return [a.q_size, a.kv_size, a.kv_size]
-        inter = self.config.intermediate_size
-        return [inter, inter]
+        """Output rows of each projection that packed_modules[fused_name] stacks (on this rank)."""
+        layer = self.layers[0]
+        return (layer.self_attn.qkv_proj if fused_name == "qkv_proj" else layer.mlp.gate_up_proj).local_sizes
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hark.inputs import MultiModalItem, ProcessedPrompt
-from hark.models.layers import Linear, RMSNorm, RotaryEmbedding, SiluGatedMLP
-from hark.models.llama import DecoderLayer
+from hark.models.layers import Linear, RMSNorm, RotaryEmbedding
+from hark.models.llama import DecoderLayer, SiluGatedMLP
 from hark.models.mllama_vision import MllamaVisionTower
 from hark.models.weights import WeightLoader
 from hark.runner.attention import AttentionMetadata

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hark.distributed import state
 from hark.inputs import MultiModalItem
-from hark.models.layers import Linear
-from hark.models.weights import WeightLoader
+from hark.models.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                  VocabParallelEmbedding, tie)
+from hark.models.weights import KV, QKV, WeightLoader
 from hark.models.whisper_cross_kv import CrossKVPool, CrossRows
 from hark.models.whisper_encoder import WhisperAudioEncoder
 from hark.runner.attention import AttentionMetadata
@@ -25,22 +27,24 @@ from hark.runner.attention import AttentionMetadata
 class MLP(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__()
-        self.fc1 = Linear(d_model, ffn_dim)
-        self.fc2 = Linear(ffn_dim, d_model)
+        self.fc1 = ColumnParallelLinear(d_model, [ffn_dim])
+        self.fc2 = RowParallelLinear(ffn_dim, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SelfAttention(nn.Module):
-    """Q, K and V fused in one projection (Whisper's K has no bias: its bias slice stays zero)."""
+    """Q, K and V fused in one projection (Whisper's K has no bias: its bias slice stays zero);
+    this rank's heads."""
 
     def __init__(self, d_model: int, num_heads: int):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.head_dim = d_model // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = Linear(d_model, 3 * d_model)
-        self.out_proj = Linear(d_model, d_model)
+        self.qkv_proj = QKVParallelLinear(d_model, self.head_dim, num_heads, num_heads, bias=True)
+        self.num_heads = self.qkv_proj.num_heads
+        self.out_proj = RowParallelLinear(d_model, d_model)
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -57,16 +61,17 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Decoder queries over the encoder output; K and V fused (K without bias)."""
+    """Decoder queries over the encoder output; K and V fused (K without bias); this rank's heads."""
 
     def __init__(self, d_model: int, num_heads: int, layer_idx: int):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.num_heads, self.head_dim = num_heads // state.world_size(), d_model // num_heads
         self.scale = self.head_dim ** -0.5
         self.layer_idx = layer_idx
-        self.q_proj = Linear(d_model, d_model)
-        self.kv_proj = Linear(d_model, 2 * d_model)
-        self.out_proj = Linear(d_model, d_model)
+        self.q_proj = ColumnParallelLinear(d_model, [d_model])
+        self.kv_proj = ColumnParallelLinear(d_model, [d_model, d_model])
+        self.kv_proj.bias.data.zero_()     # Whisper's K has no bias: its slice stays zero
+        self.out_proj = RowParallelLinear(d_model, d_model)
 
     def keys_values(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encoder_states [..., S, D] -> K, V [..., H, S, Dh], contiguous (SDPA is much slower on views)."""
@@ -139,7 +144,7 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.d_model)
         self.embed_positions = nn.Embedding(config.max_target_positions, config.d_model)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.decoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model)
@@ -155,10 +160,10 @@ class WhisperForConditionalGeneration(nn.Module):
         self.config = config
         self.encoder = WhisperAudioEncoder(config)
         self.decoder = Decoder(config)
-        self.proj_out = Linear(config.d_model, config.vocab_size, bias=False)
-        self.proj_out.weight = self.decoder.embed_tokens.weight   # tied
+        self.proj_out = ParallelLMHead(config.d_model, config.vocab_size, bias=False)
+        tie(self.proj_out, self.decoder.embed_tokens)
         self.num_kv_layers = config.decoder_layers
-        self.num_kv_heads = config.decoder_attention_heads
+        self.num_kv_heads = self.decoder.layers[0].self_attn.num_heads     # this rank's
         self.head_dim = config.d_model // config.decoder_attention_heads
         self.num_frames = 2 * config.max_source_positions  # mel frames per 30 s window
         self.max_positions = config.max_target_positions  # decoder tokens
@@ -213,8 +218,10 @@ class WhisperForConditionalGeneration(nn.Module):
 
         return self.cross_kv.layers(meta.cross_caches, meta.encoder_states, compute)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary (None on tensor-parallel ranks other than 0)."""
+        logits = self.proj_out(hidden)
+        return None if logits is None else logits.float()
 
     @torch.inference_mode()
     def decode_dense(self, encoder_states: torch.Tensor, tokens: torch.Tensor, return_cross_attn: bool = False):
@@ -229,19 +236,11 @@ class WhisperForConditionalGeneration(nn.Module):
         weights = []
         for layer in self.decoder.layers:
             x, w = layer.forward_dense(x, encoder_states, return_cross_attn)
-            weights.append(w)
+            weights.append(None if w is None else state.all_gather(w, dim=1))     # every rank's heads
         return self.compute_logits(self.decoder.layer_norm(x)), weights if return_cross_attn else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Loads HF Whisper names (model.encoder..., model.decoder..., proj_out.weight)."""
-        # HF projection -> (our fused parameter, row offset in units of d_model)
-        fused = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-                 "self_attn.v_proj": ("self_attn.qkv_proj", 2), "encoder_attn.k_proj": ("encoder_attn.kv_proj", 0),
-                 "encoder_attn.v_proj": ("encoder_attn.kv_proj", 1)}
-        d = self.config.d_model
-        for module in self.decoder.modules():  # Whisper's K has no bias: its slice of the fused bias stays zero
-            if isinstance(module, (SelfAttention, CrossAttention)):
-                (module.qkv_proj if isinstance(module, SelfAttention) else module.kv_proj).bias.data.zero_()
         loader, encoder = WeightLoader(self.decoder), []
         for name, tensor in weights:
             if name == "proj_out.weight":
@@ -252,14 +251,6 @@ class WhisperForConditionalGeneration(nn.Module):
             if not name.startswith("model.decoder."):
                 raise ValueError(f"checkpoint has an unexpected weight {name!r}")
             target = name.removeprefix("model.decoder.").replace(".fc1.", ".mlp.fc1.").replace(".fc2.", ".mlp.fc2.")
-            module, _, kind = target.rpartition(".")
-            prefix, _, proj = module.rpartition(".")
-            key = f"{prefix.rpartition('.')[2]}.{proj}"
-            if key in fused:
-                fused_name, shard = fused[key]
-                target = f"{prefix.rpartition('.')[0]}.{fused_name}.{kind}"
-                loader.copy(target, tensor, name, slice(shard * d, (shard + 1) * d))
-                continue
-            loader.copy(target, tensor, name)
+            loader.load(target, tensor, name, QKV if ".self_attn." in target else KV)
         loader.check_complete()
         self.encoder.load_weights(encoder)

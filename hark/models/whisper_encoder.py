@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hark.models.layers import Linear, by_row_blocks
-from hark.models.weights import WeightLoader
+from hark.models.parallel import QKVParallelLinear
+from hark.models.weights import QKV, WeightLoader
 
 
 def conv_output_frames(mel_frames: int) -> int:
@@ -41,7 +42,8 @@ class EncoderAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
-        self.qkv_proj = Linear(d_model, 3 * d_model)      # K has no bias: its slice stays zero
+        # K has no bias: its slice stays zero. Not split over tensor-parallel ranks: rank 0 runs the encoder
+        self.qkv_proj = QKVParallelLinear(d_model, self.head_dim, num_heads, num_heads, bias=True, shard=False)
         self.out_proj = Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, spans: list[tuple[int, int]], chunk: int | None = None) -> torch.Tensor:
@@ -134,16 +136,6 @@ def load_encoder_weights(encoder: nn.Module, weights: Iterable[tuple[str, torch.
     """Loads HF names into an encoder built of EncoderLayers: q/k/v_proj go into the fused qkv_proj
     (whose K bias stays zero, as Whisper's K projection has none); other names are copied as they are."""
     loader = WeightLoader(encoder, "audio encoder weight")
-    layers = encoder.layers
-    d = layers[0].self_attn.out_proj.in_features
     for name, tensor in weights:
-        parts = name.split(".")
-        if len(parts) == 5 and parts[3] in ("q_proj", "k_proj", "v_proj"):
-            target = ".".join(parts[:3] + ["qkv_proj", parts[4]])
-            shard = ("q_proj", "k_proj", "v_proj").index(parts[3])
-            loader.copy(target, tensor, name, slice(shard * d, (shard + 1) * d))
-            continue
-        loader.copy(name, tensor, name)
+        loader.load(name, tensor, name, QKV)
     loader.check_complete()
-    for layer in layers:
-        layer.self_attn.qkv_proj.bias.data[d:2 * d].zero_()

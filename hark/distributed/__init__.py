@@ -1,0 +1,1 @@
+"""Tensor parallelism: one process per rank over torch.distributed (see tensor_parallel.py)."""
