@@ -98,6 +98,13 @@ def test_too_long():
     same_error(wav_bytes(speech(16000, 1), 16000, "PCM_16"), AudioLimits(max_duration_s=1.0), AudioTooLongError)
 
 
+def test_unbounded_duration_as_offline_transcription():
+    data = wav_bytes(speech(16000, 1), 16000, "PCM_16")
+    fast, reference = both_paths(data, limits=AudioLimits(max_duration_s=float("inf")))
+    assert np.array_equal(fast, reference)
+    same_error(data, AudioLimits(max_duration_s=float("inf"), max_decoded_bytes=1000), AudioTooLargeError)
+
+
 def test_too_many_decoded_bytes():
     limits = AudioLimits(max_decoded_bytes=40_000)  # 1.5 s stereo at 16 kHz decodes to 192 kB
     same_error(wav_bytes(speech(16000, 2), 16000, "PCM_16"), limits, AudioTooLargeError)

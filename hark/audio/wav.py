@@ -6,7 +6,6 @@ resampled block by block as PyAV's frames are, with the same arithmetic, so the 
 PyAV path's. Codecs this does not read (a-law, mu-law, ADPCM, odd layouts) return None and go to
 PyAV.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,9 +131,8 @@ def decode_wav(data: bytes, target_sr: int, limits: AudioLimits) -> np.ndarray |
 def check_caps(frames: int, header: WavHeader, limits: AudioLimits) -> None:
     """Duration and decoded-bytes caps from the header, raising the error that counting frame by
     frame raises first."""
-    over_duration = math.floor(limits.max_duration_s * header.sample_rate) + 1
     over_bytes = limits.max_decoded_bytes // (header.channels * BYTES_PER_SAMPLE) + 1
-    counted = min(frames, over_duration, over_bytes)
+    counted = min(frames, over_bytes)  # past the duration cap too only if that came first
     check_decoded(counted, header.sample_rate, counted * header.channels * BYTES_PER_SAMPLE, limits)
 
 
