@@ -73,16 +73,36 @@ def prompt_text(images, question) -> str:
     return TEMPLATE.format(images="<image>\n" * len(images), question=question)
 
 
-def run_hark(path, reqs):
+def run_hark(path, reqs, prompt=prompt_text):
+    """hark on the workload, prompts written by `prompt(images, question)`: (ids, tok/s, tokens, seconds)."""
     from hark import LLM, SamplingParams
     llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048)
-    prompts = [{"prompt": prompt_text(i, q), "multi_modal_data": {"image": i}} for i, q, _ in reqs]
+    prompts = [{"prompt": prompt(i, q), "multi_modal_data": {"image": i}} for i, q, _ in reqs]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for *_, m in reqs]
     llm.generate(["warm up"], SamplingParams(max_tokens=2), use_tqdm=False)
     with Timer() as t:
         outs = llm.generate(prompts, params, use_tqdm=False)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return [list(o.outputs[0].token_ids) for o in outs], tokens / t.seconds, tokens, t.seconds
+
+
+def report(name: str, params_m: float, reqs, threads: int, hark_result, run_reference) -> None:
+    """Prints hark's rate, the reference's at batch 1 and 8 (`run_reference(batch_size)` ->
+    (tok/s, tokens, seconds, ids)), the ids match at batch 1 and the ratio to the reference's best."""
+    hark_ids, hark_rate, hark_tokens, hark_s = hark_result
+    print(f"== {name}: random weights, {params_m:.0f} M params; {len(reqs)} requests, "
+          f"{sum(len(i) for i, _, _ in reqs)} images, {sum(m for *_, m in reqs)} output tokens; {threads} threads")
+    print(f"hark:                     {hark_rate:6.1f} tok/s  ({hark_tokens} tokens in {hark_s:.1f} s)")
+    best = 0.0
+    for batch_size in (1, 8):
+        rate, tokens, seconds, ids = run_reference(batch_size)
+        best = max(best, rate)
+        line = f"transformers batch {batch_size:<2}:    {rate:6.1f} tok/s  ({tokens} tokens in {seconds:.1f} s)"
+        if batch_size == 1:
+            line += f"; greedy ids match hark's on {sum(a == b for a, b in zip(ids, hark_ids))}/{len(ids)} requests"
+        print(line)
+    print(f"hark / best transformers: {hark_rate / best:.2f}x")
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 
 def run_hf(path, model, tok, reqs, batch_size: int):
@@ -117,21 +137,8 @@ def main():
     model, tok = build(path, args)
     reqs = workload(args.requests)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"== llava: random weights, {params:.0f} M params; {len(reqs)} requests, "
-          f"{sum(len(i) for i, _, _ in reqs)} images, {sum(m for *_, m in reqs)} output tokens; {args.threads} threads")
-    hark_ids, hark_rate, hark_tokens, hark_s = run_hark(path, reqs)
-    print(f"hark:                     {hark_rate:6.1f} tok/s  ({hark_tokens} tokens in {hark_s:.1f} s)")
-    best = 0.0
-    for batch_size in (1, 8):
-        rate, tokens, seconds, ids = run_hf(path, model, tok, reqs[: args.hf_requests], batch_size)
-        best = max(best, rate)
-        line = f"transformers batch {batch_size:<2}:    {rate:6.1f} tok/s  ({tokens} tokens in {seconds:.1f} s)"
-        if batch_size == 1:
-            line += f"; greedy ids match hark's on {sum(a == b for a, b in zip(ids, hark_ids))}/{len(ids)} requests"
-        print(line)
-    print(f"hark / best transformers: {hark_rate / best:.2f}x")
-    print(f"peak RSS {peak_rss_mib():.0f} MiB")
-
+    report("llava", params, reqs, args.threads, run_hark(path, reqs),
+           lambda batch_size: run_hf(path, model, tok, reqs[: args.hf_requests], batch_size))
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,8 @@ import tempfile
 
 import torch
 
-from common import Timer, peak_rss_mib, set_threads
-from image_chat import workload
+from common import Timer, set_threads
+from image_chat import report, run_hark, workload
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -53,18 +53,6 @@ def prompt_text(images, question) -> str:
     return "<|image|>" * len(images) + question
 
 
-def run_hark(path, reqs):
-    from hark import LLM, SamplingParams
-    llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048)
-    prompts = [{"prompt": prompt_text(i, q), "multi_modal_data": {"image": i}} for i, q, _ in reqs]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for *_, m in reqs]
-    llm.generate(["warm up"], SamplingParams(max_tokens=2), use_tqdm=False)
-    with Timer() as t:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return [list(o.outputs[0].token_ids) for o in outs], tokens / t.seconds, tokens, t.seconds
-
-
 def run_hf(path, model, tok, reqs, batch_size: int):
     from transformers import AutoImageProcessor, MllamaProcessor
     processor = MllamaProcessor(AutoImageProcessor.from_pretrained(path), tok)
@@ -96,21 +84,8 @@ def main():
     model, tok = build(path, args)
     reqs = workload(args.requests)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"== mllama: random weights, {params:.0f} M params; {len(reqs)} requests, "
-          f"{sum(len(i) for i, _, _ in reqs)} images, {sum(m for *_, m in reqs)} output tokens; {args.threads} threads")
-    hark_ids, hark_rate, hark_tokens, hark_s = run_hark(path, reqs)
-    print(f"hark:                     {hark_rate:6.1f} tok/s  ({hark_tokens} tokens in {hark_s:.1f} s)")
-    best = 0.0
-    for batch_size in (1, 8):
-        rate, tokens, seconds, ids = run_hf(path, model, tok, reqs[: args.hf_requests], batch_size)
-        best = max(best, rate)
-        line = f"transformers batch {batch_size:<2}:    {rate:6.1f} tok/s  ({tokens} tokens in {seconds:.1f} s)"
-        if batch_size == 1:
-            line += f"; greedy ids match hark's on {sum(a == b for a, b in zip(ids, hark_ids))}/{len(ids)} requests"
-        print(line)
-    print(f"hark / best transformers: {hark_rate / best:.2f}x")
-    print(f"peak RSS {peak_rss_mib():.0f} MiB")
-
+    report("mllama", params, reqs, args.threads, run_hark(path, reqs, prompt_text),
+           lambda batch_size: run_hf(path, model, tok, reqs[: args.hf_requests], batch_size))
 
 if __name__ == "__main__":
     main()

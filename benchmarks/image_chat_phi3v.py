@@ -22,8 +22,8 @@ import tempfile
 
 import torch
 
-from common import Timer, peak_rss_mib, set_threads
-from image_chat import workload
+from common import Timer, set_threads
+from image_chat import report, run_hark, workload
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -31,18 +31,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 def prompt_text(images, question) -> str:
     tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(images) + 1))
     return f"<|user|>\n{tags}{question}<|end|>\n<|assistant|>\n"
-
-
-def run_hark(path, reqs):
-    from hark import LLM, SamplingParams
-    llm = LLM(path, max_num_seqs=64, max_num_batched_tokens=2048)
-    prompts = [{"prompt": prompt_text(i, q), "multi_modal_data": {"image": i}} for i, q, _ in reqs]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for *_, m in reqs]
-    llm.generate(["warm up"], SamplingParams(max_tokens=2), use_tqdm=False)
-    with Timer() as t:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return [list(o.outputs[0].token_ids) for o in outs], tokens / t.seconds, tokens, t.seconds
 
 
 def run_reference(parts, reqs, batch_size: int):
@@ -88,21 +76,8 @@ def main():
     parts = make_tiny_phi3v(path, vision, lm_size, stds=(0.02, 0.02, 0.02))[:4]
     reqs = workload(args.requests)
     params = sum(p.numel() for part in parts[:3] for p in part.parameters()) / 1e6
-    print(f"== phi3v: random weights, {params:.0f} M params; {len(reqs)} requests, "
-          f"{sum(len(i) for i, _, _ in reqs)} images, {sum(m for *_, m in reqs)} output tokens; {args.threads} threads")
-    hark_ids, hark_rate, hark_tokens, hark_s = run_hark(path, reqs)
-    print(f"hark:                     {hark_rate:6.1f} tok/s  ({hark_tokens} tokens in {hark_s:.1f} s)")
-    best = 0.0
-    for batch_size in (1, 8):
-        rate, tokens, seconds, ids = run_reference(parts, reqs[: args.hf_requests], batch_size)
-        best = max(best, rate)
-        line = f"transformers batch {batch_size:<2}:    {rate:6.1f} tok/s  ({tokens} tokens in {seconds:.1f} s)"
-        if batch_size == 1:
-            line += f"; greedy ids match hark's on {sum(a == b for a, b in zip(ids, hark_ids))}/{len(ids)} requests"
-        print(line)
-    print(f"hark / best transformers: {hark_rate / best:.2f}x")
-    print(f"peak RSS {peak_rss_mib():.0f} MiB")
-
+    report("phi3v", params, reqs, args.threads, run_hark(path, reqs, prompt_text),
+           lambda batch_size: run_reference(parts, reqs[: args.hf_requests], batch_size))
 
 if __name__ == "__main__":
     main()
