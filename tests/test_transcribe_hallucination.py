@@ -118,3 +118,16 @@ def test_real_speech_with_babble_in_a_long_silence(llm, sequential):
     # a threshold longer than the silences keeps everything; off is the output without the option
     assert llm.transcribe(audio, hallucination_silence_threshold=9.0, **options).to_dict() == plain.to_dict()
     assert llm.transcribe(audio, hallucination_silence_threshold=None, **options).to_dict() == plain.to_dict()
+
+
+def test_cli_flag_turns_on_word_timestamps():
+    from hark.cli import build_parser, main
+    from hark.transcribe.command import _options
+    options = _options(build_parser().parse_args(["transcribe", "--hallucination-silence-threshold", "2", "x.wav"]))
+    assert options["hallucination_silence_threshold"] == 2.0
+    assert options["word_timestamps"] and options["timestamps"]
+    defaults = _options(build_parser().parse_args(["transcribe", "x.wav"]))
+    assert defaults["hallucination_silence_threshold"] is None and not defaults["word_timestamps"]
+    with pytest.raises(SystemExit) as exit:       # before any model loads
+        main(["transcribe", "--hallucination-silence-threshold", "-1", "x.wav"])
+    assert exit.value.code == 2

@@ -3,8 +3,11 @@
 openai-whisper's rule (transcribe.py), as faster-whisper has it too: a word is anomalous when it is
 unlikely (probability < 0.15), very short (< 0.133 s) or very long (> 2 s); a segment is anomalous
 when its first (up to 8) words, punctuation skipped, score 3 or more, or about one each. openai-whisper
-re-seeks its window past such a segment when silence longer than the threshold surrounds it; hark
-decodes windows together, so it only drops those segments (see drop_hallucinations).
+re-seeks its window past such a segment when silence longer than the threshold surrounds it (and
+faster-whisper's sequential WhisperModel.transcribe likewise; its BatchedInferencePipeline has no such
+option). hark does not re-seek, with condition_on_previous_text either: word timings are computed once
+every window is decoded, so it drops those segments afterwards (drop_hallucinations), the same in both
+modes. Speech windows (split="speech") already leave most long silences out of every window.
 """
 from hark.transcribe.result import Segment, Word
 from hark.transcribe.words import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
