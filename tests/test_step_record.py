@@ -82,8 +82,12 @@ def test_whisper_encoder_output_and_cross_attention_are_freed():
                         "decoder_prompt": "<|startoftranscript|><|notimestamps|>"}, SamplingParams(max_tokens=3))
     engine.step()
     (state,) = runner.requests.values()
-    assert state.encoder_state is not None and "stack" in state.cross_cache
+    assert state.encoder_state is not None and "ticket" in state.cross_cache
+    pool = llm.llm_engine.executor.model.cross_kv
+    assert len(pool.uids) == 1 and pool.keys               # its K/V hold a slot of the model's pool
+    del state
     while engine.has_unfinished_requests():
         engine.step()
     assert runner.requests == {} and runner.seqs == {}
+    assert pool.uids == [] and pool.keys == []             # ... freed with the request's state
     assert engine.stats()["encoder_items"] == 1
