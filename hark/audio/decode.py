@@ -1,5 +1,7 @@
 """Decoding encoded audio (wav, flac, mp3, ogg/vorbis, opus, m4a/aac, webm, mp4) with PyAV.
 
+PCM and float wav take hark.audio.wav's numpy path instead; PyAV is imported only for the rest.
+
 The container is recognised from the first bytes, and only those demuxers ever see the data.
 Channels and sample rate are checked from the stream header before decoding; duration and
 decoded bytes are counted frame by frame, so a decompression bomb stops at the cap. Frames are
@@ -8,7 +10,6 @@ output at the target rate.
 """
 import io
 
-import av
 import numpy as np
 import soxr
 
@@ -21,12 +22,13 @@ from hark.audio.limits import (
     check_min_duration,
     check_sample_rate,
 )
+from hark.audio.pcm import pcm_to_float32
+from hark.audio.wav import TRUNCATED, decode_wav
 
 SUPPORTED = "wav, flac, mp3, ogg (vorbis, opus, flac), m4a/mp4 (aac), webm/mkv"
 # Containers whose header states the length FFmpeg reports, so a shorter decode means truncated
 # data (wav is checked on its RIFF header; mp3, adts and ogg are streams with no stated length).
 EXACT_LENGTH_FORMATS = {"flac", "mp4", "matroska"}
-TRUNCATED = "the audio is truncated: {}; send the complete file"
 
 
 def sniff_format(data: bytes) -> str:
@@ -65,19 +67,7 @@ def check_wav_complete(data: bytes) -> None:
         offset += 8 + size + (size & 1)
 
 
-def pcm_to_float32(samples: np.ndarray) -> np.ndarray:
-    """Integer PCM scaled to [-1, 1); floats cast to float32."""
-    kind, bits = samples.dtype.kind, 8 * samples.dtype.itemsize
-    if kind == "f":
-        return samples.astype(np.float32, copy=False)
-    if kind == "i":
-        return samples.astype(np.float32) * np.float32(2.0 ** (1 - bits))
-    if kind == "u":
-        return (samples.astype(np.float32) - np.float32(2 ** (bits - 1))) * np.float32(2.0 ** (1 - bits))
-    raise AudioError(f"audio samples of type {samples.dtype} are not supported; use float or integer PCM")
-
-
-def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+def frame_to_mono(frame) -> np.ndarray:
     samples = pcm_to_float32(frame.to_ndarray())
     channels = frame.layout.nb_channels
     if not frame.format.is_planar:  # packed: one row of interleaved samples
@@ -89,7 +79,16 @@ def decode_audio(data: bytes, target_sr: int, limits: AudioLimits) -> np.ndarray
     """Float32 mono audio at `target_sr` from an encoded file's bytes."""
     container_format = sniff_format(data)
     if container_format == "wav":
+        audio = decode_wav(data, target_sr, limits)
+        if audio is not None:
+            return audio
         check_wav_complete(data)
+    return decode_with_pyav(data, container_format, target_sr, limits)
+
+
+def decode_with_pyav(data: bytes, container_format: str, target_sr: int, limits: AudioLimits) -> np.ndarray:
+    import av
+
     try:
         with av.open(io.BytesIO(data), format=container_format, metadata_errors="ignore") as container:
             if not container.streams.audio:
@@ -134,6 +133,8 @@ def _decode_stream(container, stream, container_format: str, target_sr: int, lim
 
 
 def _check_complete(container, stream, decoded_s: float) -> None:
+    import av
+
     if stream.duration:
         declared_s = float(stream.duration * stream.time_base)
     elif container.duration:

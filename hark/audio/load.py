@@ -5,7 +5,8 @@ import numpy as np
 import soxr
 import torch
 
-from hark.audio.decode import decode_audio, pcm_to_float32
+from hark.audio.decode import decode_audio
+from hark.audio.pcm import pcm_to_float32
 from hark.audio.errors import AudioError, NonFiniteAudioError
 from hark.audio.limits import (
     BYTES_PER_SAMPLE,

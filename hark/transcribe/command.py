@@ -90,6 +90,9 @@ def add_transcribe_parser(subparsers) -> None:
                    help="prompt each window with the previous window's text (windows of a file decode in turn)")
     g.add_argument("--prompt-reset-on-temperature", type=float, default=0.5,
                    help="with --condition-on-previous-text: no prompt after a window decoded hotter than this")
+    g.add_argument("--hallucination-silence-threshold", type=float, default=None, metavar="S",
+                   help="drop word-timed segments that look hallucinated and have over S seconds of silence "
+                        "around them (turns on --word-timestamps)")
     g.add_argument("--split", choices=("quiet", "speech"), default="speech",
                    help="cut long audio at quiet points or around speech regions (VAD)")
     g.add_argument("--vad-filter", dest="split", action="store_const", const="speech",
@@ -156,7 +159,8 @@ class ProgressBar:
 def _options(args) -> dict:
     """The transcription options, checked now (before any model loads)."""
     options = {"language": args.language, "task": args.task, "timestamps": _timestamps(args),
-               "word_timestamps": args.word_timestamps, "initial_prompt": args.initial_prompt,
+               "word_timestamps": args.word_timestamps or args.hallucination_silence_threshold is not None,
+               "initial_prompt": args.initial_prompt,
                "best_of": args.best_of, "beam_size": args.beam_size, "patience": args.patience,
                "length_penalty": args.length_penalty, "split": args.split, "prefix": args.prefix, "hotwords": args.hotwords,
                "max_new_tokens": args.max_new_tokens, "clip_timestamps": args.clip_timestamps,
@@ -164,7 +168,8 @@ def _options(args) -> dict:
                "logprob_threshold": args.log_prob_threshold, "no_speech_threshold": args.no_speech_threshold,
                "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                "condition_on_previous_text": args.condition_on_previous_text,
-               "prompt_reset_on_temperature": args.prompt_reset_on_temperature}
+               "prompt_reset_on_temperature": args.prompt_reset_on_temperature,
+               "hallucination_silence_threshold": args.hallucination_silence_threshold}
     if args.temperature is not None:
         options["temperature"] = args.temperature
     TranscriptionOptions(**options)
@@ -179,7 +184,7 @@ def _timestamps(args) -> bool:
     if args.no_timestamps:
         return False
     shows_times = args.format not in TEXT_ONLY_FORMATS or args.word_timestamps or args.max_line_width \
-        or args.max_line_count or args.highlight_words
+        or args.max_line_count or args.highlight_words or args.hallucination_silence_threshold is not None
     return bool(args.timestamps or shows_times)
 
 

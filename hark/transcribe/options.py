@@ -40,6 +40,9 @@ class TranscriptionOptions:
     no_repeat_ngram_size: int = 0           # > 0: no n-gram of this many tokens appears twice in a window's output
     condition_on_previous_text: bool = False    # the previous window's text is the next one's prompt (sequential)
     prompt_reset_on_temperature: float = 0.5    # ... not after a window decoded hotter than this
+    # Seconds: drop word-timed segments that look hallucinated and have longer silence around them
+    # (needs word_timestamps; hallucination.py). Windows are not re-seeked as in openai-whisper.
+    hallucination_silence_threshold: float | None = None
 
     def __post_init__(self):
         temps = (self.temperature,) if isinstance(self.temperature, (int, float)) else tuple(self.temperature)
@@ -69,6 +72,13 @@ class TranscriptionOptions:
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             raise InvalidTranscriptionRequest(
                 f"no_repeat_ngram_size must be an integer ≥ 0, got {self.no_repeat_ngram_size!r}")
+        threshold = self.hallucination_silence_threshold
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+                raise InvalidTranscriptionRequest(
+                    f"hallucination_silence_threshold must be a number of seconds ≥ 0, got {threshold!r}")
+            if not self.word_timestamps:
+                raise InvalidTranscriptionRequest("hallucination_silence_threshold needs word_timestamps=True")
         if self.max_initial_timestamp < 0:
             raise InvalidTranscriptionRequest(f"max_initial_timestamp must be ≥ 0, got {self.max_initial_timestamp}")
 

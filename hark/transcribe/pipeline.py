@@ -10,7 +10,8 @@
    a new, shorter window (a tail), decoded at once. With condition_on_previous_text an input's windows
    decode one after another, each prompted with the text before it.
 4. Cut each final window's tokens into segments and shift them by the window's real offset in its input.
-5. Optionally time words from the alignment heads' cross-attention (batched dense decoder runs).
+5. Optionally time words from the alignment heads' cross-attention (batched dense decoder runs), and
+   with hallucination_silence_threshold drop anomalous segments surrounded by silence (hallucination.py).
 
 TranscriptionRun holds steps 2 to 5 and submits nothing itself: it hands out window decodes and takes
 back the finished ones. `transcribe` below drives it by stepping the engine itself; hark serve sends the
@@ -30,6 +31,7 @@ from hark.outputs import CompletionOutput
 from hark.sampling import SamplingParams
 from hark.transcribe.alignment import align_words
 from hark.transcribe.levels import peak_level, with_input_floor
+from hark.transcribe.hallucination import drop_hallucinations
 from hark.transcribe.fallback import DoomedDecodeGuard, WindowDecode, is_silence, needs_fallback
 from hark.transcribe.no_speech import NoSpeechProbe
 from hark.transcribe.options import DEFAULT_TEMPERATURES, InvalidTranscriptionRequest, TranscriptionOptions
@@ -298,6 +300,9 @@ class TranscriptionRun:
         results = []
         for i, samples in enumerate(self.inputs):
             segments = [s for w in self.timelines[i] for s in w.segments]
+            if opts.hallucination_silence_threshold is not None:
+                segments = drop_hallucinations(segments, opts.hallucination_silence_threshold,
+                                               len(samples) / SAMPLE_RATE)
             for n, s in enumerate(segments):
                 s.id = n
             results.append(Transcription(
