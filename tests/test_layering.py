@@ -73,3 +73,28 @@ def test_the_rule_catches_upward_imports():
     assert violations("hark.server", "from .. import models", is_package=True)
     assert not violations("hark.engine.x", "from hark.step import SchedulerOutput\nfrom . import scheduler")
     assert not violations("hark.executor", "from hark.runner.model_runner import ModelRunner")
+
+
+def reach_throughs(source: str) -> list[tuple[int, str]]:
+    """(line, chain) of every `X.engine.engine...` and `X.loaded` attribute read: the engine's own engine and
+    its loaded checkpoint are its internals; callers use its properties (tokenizer, hf_config, ...)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "loaded":
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Attribute) and node.attr == "engine" and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "engine":
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+# The one left: a TranscriptionRun drives the engine itself inside run_job, so it is built on the engine.
+ALLOWED_REACH_THROUGHS = {("hark.server.audio", "served.engine.engine")}
+
+
+def test_server_and_transcription_use_the_engines_public_surface():
+    found = [(m, chain, line) for m, source, _ in hark_modules() if within(m, "hark.server") or within(m, "hark.transcribe")
+             for line, chain in reach_throughs(source) if (m, chain) not in ALLOWED_REACH_THROUGHS]
+    assert found == []
+    assert reach_throughs("served.engine.engine.tokenizer") and reach_throughs("engine.loaded.hf_config")
+    assert not reach_throughs("served.engine.tokenizer\nengine.hf_config")

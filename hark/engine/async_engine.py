@@ -75,6 +75,40 @@ class AsyncLLMEngine:
         """Requests and jobs accepted and not finished yet."""
         return len(self._streams) + len(self._jobs)
 
+    # What the server reads of the model (fixed once loaded: safe from any thread).
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.engine.is_encoder_decoder
+
+    @property
+    def model_path(self) -> str:
+        return self.engine.model_path
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.engine.lora_enabled
+
+    async def compile_structured_outputs(self, spec) -> None:
+        """Compiles a request's grammar off the event loop (ValueError if it is not valid); the engine then
+        finds it in the compiler's cache."""
+        await asyncio.to_thread(self.engine.structured_outputs.compile, spec)
+
     async def process_prompt(self, prompt) -> ProcessedPrompt:
         """Tokenizes (and extracts audio features) off the event loop; raises ValueError for bad input."""
         return await asyncio.to_thread(self.engine.process_prompt, prompt)

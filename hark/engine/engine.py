@@ -94,6 +94,23 @@ class LLMEngine:
             cfg = getattr(cfg, "text_config", None) or cfg
         return max(cfg.vocab_size, len(self.tokenizer))
 
+    @property
+    def hf_config(self):
+        """The checkpoint's config (transformers' PretrainedConfig)."""
+        return self.loaded.hf_config
+
+    @property
+    def generation_config(self):
+        return self.loaded.generation_config
+
+    @property
+    def model_path(self) -> str:
+        return self.loaded.model_path
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.lora is not None
+
     @cached_property
     def structured_outputs(self) -> StructuredOutputs:
         """Grammar compiler and matchers for structured outputs, built on first use."""

@@ -99,21 +99,11 @@ class CrossRun:
 @dataclass
 class CrossPlan:
     """The cross-attending rows of one forward: the runs in row order, the rows they cover (None: every
-    row), and which of those rows run the MLP (None: all of them)."""
+    row), which of those rows run the MLP (None: all of them), and the attention backend that attends."""
     runs: list[CrossRun]
     rows: torch.Tensor | None
     mlp_rows: torch.Tensor | None
-
-
-def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [n, Hq, D] over k, v [Hkv, S, D], unmasked; the query heads of a KV head are folded into its
-    query positions, so GQA needs no repeated K/V."""
-    n, hq, d = q.shape
-    hkv = k.shape[0]
-    g = hq // hkv
-    folded = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
-    out = F.scaled_dot_product_attention(folded, k.unsqueeze(0), v.unsqueeze(0), scale=scale)   # 4-D: SDPA's flash kernel
-    return out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
+    backend: object
 
 
 class CrossAttention(nn.Module):
@@ -135,14 +125,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: CrossPlan, layer: int) -> torch.Tensor:
         q = self.q_norm(self.q_proj(x).view(len(x), self.num_heads, self.head_dim))
-        out = x.new_empty(len(x), self.num_heads * self.head_dim)
-        row = 0
-        for run in plan.runs:
+        spans, row = [], 0
+        for run in plan.runs:      # the plan's rows are its runs' rows, one after another
             n = run.rows_end - run.rows_start
-            k, v = run.cache["kv"][layer][run.segment]
-            out[row: row + n] = cross_attend(q[row: row + n], k, v, self.scale)
+            spans.append((row, row + n, *run.cache["kv"][layer][run.segment]))
             row += n
-        return self.o_proj(out)
+        return self.o_proj(plan.backend.cross_forward(q, spans, self.scale).flatten(1))
 
 
 class CrossAttentionDecoderLayer(nn.Module):
@@ -237,15 +225,16 @@ class MllamaForConditionalGeneration(nn.Module):
                 if lo < hi:
                     runs.append(CrossRun(row0 + lo - first, row0 + hi - first, cache, s, seg.sees_images))
         if not runs:
-            return CrossPlan([], None, None)
+            return CrossPlan([], None, None, meta.backend)
         device = meta.slot_mapping.device
         spans = [torch.arange(r.rows_start, r.rows_end) for r in runs]
         rows = None if sum(map(len, spans)) == meta.query_start[-1] else torch.cat(spans).to(device)
         if all(r.sees_images for r in runs):
-            return CrossPlan(runs, rows, None)
+            return CrossPlan(runs, rows, None, meta.backend)
         starts = [0] + [int(n) for n in torch.tensor([len(x) for x in spans]).cumsum(0)]
         mlp = [torch.arange(a, b) for r, a, b in zip(runs, starts, starts[1:]) if r.sees_images]
-        return CrossPlan(runs, rows, (torch.cat(mlp) if mlp else torch.zeros(0, dtype=torch.long)).to(device))
+        mlp_rows = (torch.cat(mlp) if mlp else torch.zeros(0, dtype=torch.long)).to(device)
+        return CrossPlan(runs, rows, mlp_rows, meta.backend)
 
     def _cross_keys_values(self, state: ImageCrossState, dtype: torch.dtype) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per cross layer, per segment: the (K, V) that segment's positions attend."""

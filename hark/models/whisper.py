@@ -19,9 +19,10 @@ from hark.inputs import MultiModalItem
 from hark.models.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding, tie)
 from hark.models.weights import KV, QKV, WeightLoader
-from hark.models.whisper_cross_kv import CrossKVPool, CrossRows
+from hark.models.whisper_cross_kv import CrossKVPool
 from hark.models.whisper_encoder import WhisperAudioEncoder
 from hark.runner.attention import AttentionMetadata
+from hark.runner.cross_attention import CrossRows
 
 
 class MLP(nn.Module):
@@ -79,31 +80,22 @@ class CrossAttention(nn.Module):
         return k.transpose(-3, -2).contiguous(), v.transpose(-3, -2).contiguous()
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor],
-                rows: "CrossRows | None") -> torch.Tensor:
+                rows: CrossRows | None) -> torch.Tensor:
         """Packed decoder tokens x [T, D]; sequence i attends to row rows.rows[i] (row i when rows is None)
         of kv = (K, V) [R, H, S_enc, Dh].
 
-        A decode step (one token per sequence) is one SDPA call over all rows, those of finished
-        requests with zero queries and those of beam-search requests with one query per beam (the
-        beams of a window share its K/V); steps with prompt chunks loop over the sequences.
+        A decode step (one token per sequence) is the backend's pooled cross-attention over all rows (the
+        beams of a window share its K/V); steps with prompt chunks give it one span per sequence.
         """
         k, v = kv
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
         if len(q) == meta.num_seqs:
-            if rows is None:
-                out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=self.scale)   # [S, H, 1, Dh]
-                return self.out_proj(out.flatten(1))
-            padded = q.new_zeros(len(k), self.num_heads, rows.width, self.head_dim)
-            padded[rows.rows, :, rows.slots] = q
-            out = F.scaled_dot_product_attention(padded, k, v, scale=self.scale)
-            return self.out_proj(out[rows.rows, :, rows.slots].flatten(1))
-        q = q.transpose(0, 1)  # [H, T, Dh]
-        out = torch.empty_like(q)
-        for i in range(meta.num_seqs):
-            row = i if rows is None else rows.row_list[i]
-            span = slice(meta.query_start[i], meta.query_start[i + 1])
-            out[:, span] = F.scaled_dot_product_attention(q[:, span], k[row], v[row], scale=self.scale)
-        return self.out_proj(out.transpose(0, 1).flatten(1))
+            out = meta.backend.pooled_cross_forward(q, k, v, rows, self.scale)
+        else:
+            spans = [(meta.query_start[i], meta.query_start[i + 1], k[r], v[r])
+                     for i, r in enumerate(range(meta.num_seqs) if rows is None else rows.row_list)]
+            out = meta.backend.cross_forward(q, spans, self.scale)
+        return self.out_proj(out.flatten(1))
 
     def forward_dense(self, x: torch.Tensor, encoder_states: torch.Tensor, return_weights: bool):
         """x [B, L, D], encoder_states [B, S, D] -> (out [B, L, D], weights [B, H, L, S] or None)."""

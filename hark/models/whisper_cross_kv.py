@@ -13,9 +13,10 @@ request ends, and the slot is free from the next step. A request that misses a s
 lose its slot: it gets its K/V computed again when it is back, so nothing but time depends on slots.
 """
 import itertools
-from dataclasses import dataclass
 
 import torch
+
+from hark.runner.cross_attention import CrossRows
 
 _uids = itertools.count()
 
@@ -28,25 +29,6 @@ class _Ticket:
 
     def __del__(self):
         self.pool.end(self.uid)
-
-
-@dataclass
-class CrossRows:
-    """Where each sequence of a step finds its request's K/V: slot rows[i], and query position
-    slots[i] within that slot's queries (beams of one request share a slot, one position each)."""
-    row_list: list[int]
-    rows: torch.Tensor
-    slots: torch.Tensor
-    width: int                  # queries per slot: the most sequences sharing one slot
-
-    @classmethod
-    def of(cls, row_list: list[int]) -> "CrossRows":
-        seen: dict[int, int] = {}
-        slots = []
-        for r in row_list:
-            slots.append(seen.get(r, 0))
-            seen[r] = slots[-1] + 1
-        return cls(row_list, torch.tensor(row_list), torch.tensor(slots), max(seen.values()))
 
 
 class CrossKVPool:

@@ -10,9 +10,11 @@ of its calls is too small to share, and on 2 cores two threads made every one of
 a join (1.65 ms a layer against 0.96 ms on one thread, 24 decodes).
 
 A backend is `build_metadata(seqs)` (the step record's scheduled sequences -> its metadata, shared by
-every layer of one forward) and `forward(q, k, v, k_cache, v_cache, meta, scale)`. Models call
-`meta.backend.forward`, so a GPU backend (FlashAttention / Triton, with metadata of its own) fits
-without touching them. `SDPABackend` is the CPU one.
+every layer of one forward), `forward(q, k, v, k_cache, v_cache, meta, scale)` (paged self-attention)
+and the cross-attention pair `cross_forward(q, spans, scale)` / `pooled_cross_forward(q, keys, values,
+rows, scale)` (layouts in cross_attention.py). Models call them through `meta.backend`, so a GPU backend
+(FlashAttention / Triton, with metadata of its own) fits without touching them. `SDPABackend` is the
+CPU one.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from hark.runner.cross_attention import cross_attention, pooled_cross_attention
 from hark.step import ScheduledSequence
 
 
@@ -113,8 +116,11 @@ def one_thread(device: torch.device):
 
 
 class SDPABackend:
-    """The CPU backend: PyTorch SDPA per sequence over its own blocks (paged_attention above)."""
+    """The CPU backend: PyTorch SDPA per sequence over its own blocks (paged_attention above), and over
+    the encoder K/V each model hands it (cross_attention.py)."""
     forward = staticmethod(paged_attention)
+    cross_forward = staticmethod(cross_attention)
+    pooled_cross_forward = staticmethod(pooled_cross_attention)
 
     def __init__(self, block_size: int, device: torch.device):
         self.block_size = block_size

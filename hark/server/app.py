@@ -145,7 +145,7 @@ def build_app(models: list[ServedModel], metrics: Metrics, api_key: str | None =
                            param="model")
         return await audio.transcribe(served, form, "translate", request)
 
-    if any(m.engine.engine.lora is not None for m in models):
+    if any(m.engine.lora_enabled for m in models):
         @app.post("/v1/load_lora_adapter")
         async def load_lora_adapter(body: LoadLoRAAdapterRequest):
             return await lora.load_adapter(models, body)

@@ -148,6 +148,7 @@ async def transcribe(served: ServedModel, form: TranscriptionForm, task: str, re
                                 repetition_penalty=form.repetition_penalty, **temperature, **form.beam)
 
     with served.admit() as ticket:
+        # A TranscriptionRun drives the LLMEngine itself (in run_job, between steps): it is built on that engine.
         run = await asyncio.to_thread(TranscriptionRun, served.engine.engine, [form.audio], opts, limits)
         form.audio = b""
         if form.stream:
@@ -247,7 +248,7 @@ async def transcribe_by_prompt(served: ServedModel, form: TranscriptionForm, req
     if form.stream or form.logprobs or form.prompt is not None:
         field_name = "stream" if form.stream else "include[]" if form.logprobs else "prompt"
         raise APIError(400, f"{field_name} is not supported with model {served.name!r}", param=field_name)
-    engine = served.engine.engine
+    engine = served.engine
     limits = replace(TRANSCRIPTION_LIMITS, max_input_bytes=request.app.state.max_upload_bytes)
     with served.admit():
         samples = await asyncio.to_thread(load_audio, form.audio, SAMPLE_RATE, limits=limits)

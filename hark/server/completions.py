@@ -146,7 +146,7 @@ async def _compile_grammar(served: ServedModel, params: SamplingParams) -> None:
     """Compiles the request's grammar off the event loop (a 400 if it is not valid; the engine then finds
     it in the compiler's cache)."""
     if params.structured_outputs is not None:
-        await asyncio.to_thread(served.engine.engine.structured_outputs.compile, params.structured_outputs)
+        await served.engine.compile_structured_outputs(params.structured_outputs)
 
 
 async def _start(served: ServedModel, request: Request, prompt, params, request_id: str, lora: LoRARequest | None):
@@ -193,7 +193,7 @@ def _tool_delta(event: dict) -> dict:
 async def chat_completions(served: ServedModel, body: ChatCompletionRequest, request: Request,
                            lora: LoRARequest | None = None):
     template = body.chat_template or served.chat_template
-    tools.check_tool_request(body, chat_template_text(served.engine.engine, template, tools.template_tools(body)))
+    tools.check_tool_request(body, chat_template_text(served.engine, template, tools.template_tools(body)))
     params = body.to_sampling_params(_chat_grammar(body))
     await _compile_grammar(served, params)
     template_kwargs = dict(body.chat_template_kwargs or {})

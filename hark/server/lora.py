@@ -40,7 +40,7 @@ class LoRAModule:
 def lora_model(models: list[ServedModel]) -> ServedModel:
     """The served model that takes adapters (the one started with --enable-lora)."""
     for m in models:
-        if m.engine.engine.lora is not None:
+        if m.engine.lora_enabled:
             return m
     raise APIError(400, "LoRA is not enabled on this server; start it with --enable-lora")
 
@@ -57,13 +57,13 @@ def model_cards(models: list[ServedModel], created: int) -> list[dict]:
     for m in models:
         for name in (m.name, *m.aliases):
             cards.append({"id": name, "object": "model", "created": created, "owned_by": "hark",
-                          "root": m.engine.engine.loaded.model_path, "parent": None,
-                          "max_model_len": m.engine.engine.max_model_len})
+                          "root": m.engine.model_path, "parent": None,
+                          "max_model_len": m.engine.max_model_len})
     for m in models:
         for lora in m.loras.values():
             cards.append({"id": lora.lora_name, "object": "model", "created": created, "owned_by": "hark",
                           "root": lora.lora_path, "parent": lora.base_model_name or m.name,
-                          "max_model_len": m.engine.engine.max_model_len})
+                          "max_model_len": m.engine.max_model_len})
     return cards
 
 

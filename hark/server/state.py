@@ -21,7 +21,7 @@ class Admission:
 
     def __enter__(self) -> "Admission":
         served = self.served
-        if served.in_flight >= served.engine.engine.config.max_num_seqs + served.max_queued_requests:
+        if served.in_flight >= served.engine.max_num_seqs + served.max_queued_requests:
             served.metrics.rejected.labels(served.name).inc()
             raise APIError(429, f"the server is at capacity ({served.in_flight} requests in flight for "
                                 f"model {served.name!r}); retry later", code="server_overloaded")
@@ -60,16 +60,16 @@ class ServedModel:
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def is_whisper(self) -> bool:
-        return self.engine.engine.is_encoder_decoder
+        return self.engine.is_encoder_decoder
 
     @property
     def transcribes_by_prompt(self) -> bool:
         """An audio LLM with a transcription prompt (Voxtral): /v1/audio/transcriptions generates from it."""
-        return hasattr(self.engine.engine.processor, "transcription_prompt")
+        return hasattr(self.engine.processor, "transcription_prompt")
 
     def admit(self) -> Admission:
         return Admission(self)
@@ -82,7 +82,7 @@ class ServedModel:
         """The engine prompt for a conversation; audio, image and video URLs are fetched here (async, under the
         media policy) and handed on as data: URLs, so the model's processor never touches the network."""
         messages = [await self._fetch_media_urls(m) for m in messages]
-        return await asyncio.to_thread(build_chat_prompt, self.engine.engine, messages,
+        return await asyncio.to_thread(build_chat_prompt, self.engine, messages,
                                        chat_template or self.chat_template, add_generation_prompt, template_kwargs)
 
     async def _fetch_media_urls(self, message):

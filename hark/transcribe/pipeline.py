@@ -155,7 +155,7 @@ class TranscriptionRun:
         if not engine.is_encoder_decoder:
             raise InvalidTranscriptionRequest("transcription needs a Whisper model; this LLM serves a different kind")
         self.engine, self.opts = engine, opts
-        self.vocab = vocab = WhisperVocab.from_checkpoint(engine.tokenizer, engine.loaded.generation_config)
+        self.vocab = vocab = WhisperVocab.from_checkpoint(engine.tokenizer, engine.generation_config)
         self.language_code = vocab.language_code(opts.language)
         if opts.task == "translate" and not vocab.is_multilingual:
             raise InvalidTranscriptionRequest(
@@ -346,7 +346,7 @@ class TranscriptionRun:
         if attempt + 1 < len(opts.temperature) and opts.compression_ratio_threshold is not None:
             guard = DoomedDecodeGuard(vocab, opts.compression_ratio_threshold)    # the last decode runs to its end
             processors.append(guard)
-        max_context = self.engine.loaded.hf_config.max_target_positions
+        max_context = self.engine.hf_config.max_target_positions
         prompt_len = len(w.processed.prompt_token_ids)
         temperature = opts.temperature[attempt]
         beams = opts.beam_size if temperature == 0 else 1      # temperature > 0 samples best_of instead
@@ -477,7 +477,7 @@ def _window_decode(vocab: WhisperVocab, token_ids: list[int], temperature: float
 
 def _add_word_timestamps(engine, vocab: WhisperVocab, windows: list[Window], languages: list[str], task: str) -> None:
     """Word timing per window from one dense decoder run over its text (openai-whisper's timing.py)."""
-    heads = vocab.alignment_heads or _default_alignment_heads(engine.loaded.hf_config)
+    heads = vocab.alignment_heads or _default_alignment_heads(engine.hf_config)
     spoken = [w for w in windows if w.segments]
     prompts = [vocab.sot_sequence(languages[w.source], task) + [vocab.no_timestamps] for w in spoken]
     texts = [[t for s in w.segments for t in s.tokens if t < vocab.eot] for w in spoken]
