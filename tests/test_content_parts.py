@@ -3,7 +3,6 @@ multi_modal_data["audio"]. Each must give what hark's own shape gives."""
 import base64
 import io
 
-import numpy as np
 import pytest
 import soundfile as sf
 

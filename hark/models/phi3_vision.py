@@ -29,9 +29,8 @@ from torch import nn
 from hark.inputs import MultiModalItem
 from hark.models.audio_lm import AudioLanguageModel
 from hark.models.clip_vision import CLIPVisionTower
-from hark.models.layers import Linear, RotaryEmbedding
-from hark.models.llama import LlamaForCausalLM
-from hark.models.phi4_multimodal import context_limit
+from hark.models.layers import Linear
+from hark.models.phi4_multimodal import phi3_language_model
 from hark.models.weights import WeightLoader
 
 CLIP_VIT_LARGE_PATCH14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -135,15 +134,10 @@ class Phi3VForCausalLM(AudioLanguageModel):
         params = config.rope_parameters or {}
         if params.get("rope_type", "default") not in ("default", "longrope"):
             raise ValueError(f"rope_type {params['rope_type']!r} is not supported for Phi-3-vision.")
-        sliding = getattr(config, "sliding_window", None)
-        if sliding is not None and sliding < context_limit(config):
-            raise ValueError(f"Phi-3-vision with sliding_window={sliding} is not supported.")
+        self.language_model, max_positions = phi3_language_model("Phi-3-vision", config, dtype)
         self.vision_embed_tokens = Phi3ImageEmbedding(config)
-        self.language_model = LlamaForCausalLM(config, dtype)
         self._bind_language_model(config)
-        self.max_positions = context_limit(config)
-        if self.max_positions < config.max_position_embeddings:    # a cos / sin table for the positions served
-            self.language_model.rope = RotaryEmbedding(config, self.max_positions)
+        self.max_positions = max_positions
 
     # --- images -------------------------------------------------------------------------------
     def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:

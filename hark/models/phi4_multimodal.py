@@ -274,21 +274,29 @@ def context_limit(config) -> int:
     return config.max_position_embeddings
 
 
+def phi3_language_model(name: str, config, dtype: torch.dtype) -> tuple[LlamaForCausalLM, int]:
+    """The Phi-3 LM on hark's Llama, and the positions it serves (context_limit), with a cos / sin
+    table for just those; shared by Phi-4-multimodal and Phi-3.5-vision."""
+    limit = context_limit(config)
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is not None and sliding < limit:
+        raise ValueError(f"{name} with sliding_window={sliding} is not supported.")
+    lm = LlamaForCausalLM(config, dtype)
+    if limit < config.max_position_embeddings:
+        lm.rope = RotaryEmbedding(config, limit)
+    return lm, limit
+
+
 class Phi4MultimodalForCausalLM(AudioLanguageModel):
     def __init__(self, config, dtype: torch.dtype = torch.float32):
         super().__init__()
         check_config(config)
         self.config = config
-        sliding = getattr(config, "sliding_window", None)
-        if sliding is not None and sliding < context_limit(config):
-            raise ValueError(f"Phi-4-multimodal with sliding_window={sliding} is not supported.")
+        self.language_model, max_positions = phi3_language_model("Phi-4-multimodal", config, dtype)
         self.audio_tower = ConformerEncoder(config.audio_config)
         self.audio_projector = SpeechProjector(config.audio_config.hidden_size, config.hidden_size)
-        self.language_model = LlamaForCausalLM(config, dtype)
         self._bind_language_model(config)
-        self.max_positions = context_limit(config)
-        if self.max_positions < config.max_position_embeddings:    # a cos / sin table for the positions served
-            self.language_model.rope = RotaryEmbedding(config, self.max_positions)
+        self.max_positions = max_positions
 
     # --- audio --------------------------------------------------------------------------------
     def embed_multimodal(self, items: list[MultiModalItem]) -> list[torch.Tensor]:
