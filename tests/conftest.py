@@ -78,6 +78,15 @@ def llama_ckpt(tmp_path_factory):
     return path, model, tok
 
 
+def image_data_url(image, fmt: str = "PNG") -> str:
+    """A data: URL of a PIL image encoded as fmt, as an image_url content part carries it."""
+    import base64
+    import io
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def wav_b64(audio) -> str:
     """Base64 of a float 16 kHz wav of `audio`, as an input_audio content part carries it."""
     import base64

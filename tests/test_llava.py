@@ -1,6 +1,5 @@
 """LLaVA-1.5 on hark: greedy parity with transformers on a tiny random checkpoint with real photos (0, 1 and
 2 images per prompt, batched), chat with image_url parts and LLaVA's own template, caches, limits, errors."""
-import base64
 import io
 import os
 
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 
 from hark import LLM, SamplingParams
-from conftest import make_byte_tokenizer, randomize
+from conftest import image_data_url, make_byte_tokenizer, randomize
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 MAX_NEW = 8
@@ -111,10 +110,6 @@ def test_logits_close_to_transformers(ckpt):
         assert abs(logprob.logprob - expected[token].item()) < 1e-4
 
 
-def data_url(image: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def test_chat_with_image_url_parts_uses_the_list_template(ckpt):
@@ -122,7 +117,7 @@ def test_chat_with_image_url_parts_uses_the_list_template(ckpt):
     images = photos()
     llm = LLM(path)
     messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(images[1])}},
+        {"type": "image_url", "image_url": {"url": image_data_url(images[1])}},
         {"type": "text", "text": "which is the sky?"}]}]
     out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
     text = "USER: <image>\nwhich is the sky? ASSISTANT:"

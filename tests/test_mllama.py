@@ -2,8 +2,6 @@
 (0, 1 and 2 images per prompt, consecutive and apart, text before the first image, batched, chunked prefill),
 implicit and explicit (encoder / decoder) prompts, vision outputs and logits, the cross-attention mask
 (a wrong one must fail), chat with image_url parts, caches and errors."""
-import base64
-import io
 import os
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 from PIL import Image
 
 from hark import LLM, SamplingParams
-from conftest import make_byte_tokenizer, randomize
+from conftest import image_data_url, make_byte_tokenizer, randomize
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 MAX_NEW = 8
@@ -172,10 +170,6 @@ def test_a_wrong_cross_attention_mask_changes_the_tokens(ckpt, monkeypatch):
     assert generated()[1] != expected[1]
 
 
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def test_chat_with_image_url_parts(ckpt):
@@ -183,7 +177,7 @@ def test_chat_with_image_url_parts(ckpt):
     images = photos()
     llm = LLM(path)
     messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(images[0])}},
+        {"type": "image_url", "image_url": {"url": image_data_url(images[0])}},
         {"type": "text", "text": "which is the sky?"}]}]
     out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
     text = "<|begin_of_text|><|im_start|>user\n<|image|>which is the sky?<|im_end|>\n<|im_start|>assistant\n"

@@ -9,8 +9,6 @@ processor (torchvision's PIL resize / pad / ToTensor / Normalize written with PI
 prompt ids (negative ids -k for image k) and the HD feature glue, fed to Phi3ForCausalLM.generate as
 inputs_embeds. None of it calls hark.
 """
-import base64
-import io
 import json
 import os
 import re
@@ -21,9 +19,9 @@ import torch
 from PIL import Image, ImageOps
 
 from hark import LLM, SamplingParams
-from conftest import make_byte_tokenizer, randomize
+from conftest import image_data_url, make_byte_tokenizer, randomize
 
-IMAGES = "/work/shared/images"
+IMAGES = os.path.join(os.path.dirname(__file__), "data")     # photos of ../shared/images
 MAX_NEW = 8
 NUM_CROPS = 4                   # Phi-3.5-vision-instruct's preprocessor_config.json
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -312,17 +310,13 @@ def test_tags_name_their_images(llm, ckpt):
     assert swapped.outputs[0].token_ids == reference(ckpt, prompt("which?", 2), [images[1], images[2]])
 
 
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def test_chat_numbers_the_images(llm, ckpt):
     images = photos()
     messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(images[0])}},
-        {"type": "image_url", "image_url": {"url": data_url(images[2])}},
+        {"type": "image_url", "image_url": {"url": image_data_url(images[0])}},
+        {"type": "image_url", "image_url": {"url": image_data_url(images[2])}},
         {"type": "text", "text": "What is in these images?"}]}]
     out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
     text = "<|user|>\n<|image_1|>\n<|image_2|>\nWhat is in these images?<|end|>\n<|assistant|>\n"
@@ -426,8 +420,8 @@ def test_served_chat_matches_offline(llm):
     from hark.server.metrics import Metrics
     from hark.server.state import ServedModel
     images = photos()
-    content = [{"type": "image_url", "image_url": {"url": data_url(images[1])}},
-               {"type": "image_url", "image_url": {"url": data_url(images[2])}},
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(images[1])}},
+               {"type": "image_url", "image_url": {"url": image_data_url(images[2])}},
                {"type": "text", "text": "Compare them."}]
     offline = llm.chat([{"role": "user", "content": content}], GREEDY, use_tqdm=False)[0]
     metrics = Metrics()
