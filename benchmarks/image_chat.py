@@ -105,16 +105,22 @@ def report(name: str, params_m: float, reqs, threads: int, hark_result, run_refe
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 
-def run_hf(path, model, tok, reqs, batch_size: int):
+def llava_processor(path, tok):
     from transformers import AutoImageProcessor, LlavaProcessor
-    processor = LlavaProcessor(AutoImageProcessor.from_pretrained(path), tok, patch_size=16,
-                               num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    return LlavaProcessor(AutoImageProcessor.from_pretrained(path), tok, patch_size=16,
+                          num_additional_image_tokens=1, vision_feature_select_strategy="default")
+
+
+def run_hf(model, tok, processor, reqs, batch_size: int, prompt=prompt_text, images_per_prompt: bool = False):
+    """transformers generate over reqs in padded batches: (tok/s, tokens, seconds, ids). The processor
+    gets the batch's images as one flat list, or one list per prompt (images_per_prompt)."""
     tokens, seconds, ids = 0, 0.0, []
     for i in range(0, len(reqs), batch_size):
         chunk = reqs[i: i + batch_size]
         new = max(m for *_, m in chunk)
-        inputs = processor(text=[prompt_text(im, q) for im, q, _ in chunk], images=[x for im, _, _ in chunk for x in im],
-                           return_tensors="pt", padding=True)
+        images = [im for im, _, _ in chunk] if images_per_prompt else [x for im, _, _ in chunk for x in im]
+        inputs = processor(text=[prompt(im, q) for im, q, _ in chunk], images=images, return_tensors="pt",
+                           padding=True)
         with Timer() as t, torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                  pad_token_id=tok.eos_token_id)
@@ -138,7 +144,7 @@ def main():
     reqs = workload(args.requests)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     report("llava", params, reqs, args.threads, run_hark(path, reqs),
-           lambda batch_size: run_hf(path, model, tok, reqs[: args.hf_requests], batch_size))
+           lambda batch_size: run_hf(model, tok, llava_processor(path, tok), reqs[: args.hf_requests], batch_size))
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,8 @@ import tempfile
 
 import torch
 
-from common import Timer, set_threads
-from image_chat import report, run_hark, workload
+from common import set_threads
+from image_chat import report, run_hark, run_hf, workload
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -53,24 +53,6 @@ def prompt_text(images, question) -> str:
     return "<|image|>" * len(images) + question
 
 
-def run_hf(path, model, tok, reqs, batch_size: int):
-    from transformers import AutoImageProcessor, MllamaProcessor
-    processor = MllamaProcessor(AutoImageProcessor.from_pretrained(path), tok)
-    tokens, seconds, ids = 0, 0.0, []
-    for i in range(0, len(reqs), batch_size):
-        chunk = reqs[i: i + batch_size]
-        new = max(m for *_, m in chunk)
-        inputs = processor(text=[prompt_text(im, q) for im, q, _ in chunk], images=[im for im, _, _ in chunk],
-                           return_tensors="pt", padding=True)
-        with Timer() as t, torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 pad_token_id=tok.eos_token_id)
-        seconds += t.seconds
-        tokens += sum(m for *_, m in chunk)
-        ids += [row[inputs["input_ids"].shape[1]:][:m].tolist() for row, (*_, m) in zip(out, chunk)]
-    return tokens / seconds, tokens, seconds, ids
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=24)
@@ -84,8 +66,12 @@ def main():
     model, tok = build(path, args)
     reqs = workload(args.requests)
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    from transformers import AutoImageProcessor, MllamaProcessor
+    processor = MllamaProcessor(AutoImageProcessor.from_pretrained(path), tok)
     report("mllama", params, reqs, args.threads, run_hark(path, reqs, prompt_text),
-           lambda batch_size: run_hf(path, model, tok, reqs[: args.hf_requests], batch_size))
+           lambda batch_size: run_hf(model, tok, processor, reqs[: args.hf_requests], batch_size, prompt_text,
+                                     images_per_prompt=True))
+
 
 if __name__ == "__main__":
     main()
