@@ -120,8 +120,9 @@ def data_chunk_offset(data: bytes) -> int:
     return data.index(b"data")
 
 
-def test_truncated_data_chunk_is_an_error():
-    data = wav_bytes(speech(16000, 1), 16000, "PCM_16")
+@pytest.mark.parametrize("subtype", ["PCM_16", "ALAW"])       # read here, or handed to PyAV
+def test_truncated_data_chunk_is_an_error(subtype):
+    data = wav_bytes(speech(16000, 1), 16000, subtype)
     with pytest.raises(AudioDecodeError, match="truncated"):
         decode_audio(data[: len(data) // 2], 16000, LIMITS)
 

@@ -53,20 +53,6 @@ def sniff_format(data: bytes) -> str:
     raise AudioDecodeError(f"the data is not audio in a supported format ({SUPPORTED})")
 
 
-def check_wav_complete(data: bytes) -> None:
-    """Raise if the RIFF `data` chunk claims more bytes than the file holds (FFmpeg reads what is
-    there). Sizes 0 and 0xFFFFFFFF mean "unknown" (streamed or RF64 wav) and pass."""
-    offset = 12
-    while offset + 8 <= len(data):
-        chunk_id, size = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8], "little")
-        if chunk_id == b"data":
-            available = len(data) - offset - 8
-            if 0 < size < 0xFFFFFFFF and size > available:
-                raise AudioDecodeError(TRUNCATED.format(f"it declares {size} bytes of samples but holds {available}"))
-            return
-        offset += 8 + size + (size & 1)
-
-
 def frame_to_mono(frame) -> np.ndarray:
     samples = pcm_to_float32(frame.to_ndarray())
     channels = frame.layout.nb_channels
@@ -79,10 +65,9 @@ def decode_audio(data: bytes, target_sr: int, limits: AudioLimits) -> np.ndarray
     """Float32 mono audio at `target_sr` from an encoded file's bytes."""
     container_format = sniff_format(data)
     if container_format == "wav":
-        audio = decode_wav(data, target_sr, limits)
+        audio = decode_wav(data, target_sr, limits)      # None: a codec for PyAV (truncation already checked)
         if audio is not None:
             return audio
-        check_wav_complete(data)
     return decode_with_pyav(data, container_format, target_sr, limits)
 
 

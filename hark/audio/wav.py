@@ -56,7 +56,8 @@ def read_le(data: bytes, offset: int, size: int) -> int:
 
 def parse_wav_header(data: bytes) -> WavHeader | None:
     """The fmt and data chunks of a RIFF/RF64 WAVE file; None when they are missing or malformed
-    (PyAV then reports it as today). Raises if the data chunk claims more bytes than the file holds."""
+    (PyAV then reports it as today). Raises if the data chunk claims more bytes than the file holds
+    (FFmpeg would read what is there), whether or not the fast path then reads the file."""
     rf64_data_size, fmt = None, None
     offset = 12
     while offset + 8 <= len(data):
@@ -67,8 +68,6 @@ def parse_wav_header(data: bytes) -> WavHeader | None:
         elif chunk_id == b"fmt " and size >= 16:
             fmt = data[body:body + size]
         elif chunk_id == b"data":
-            if fmt is None or len(fmt) < 16:
-                return None
             available = len(data) - body
             if size == 0xFFFFFFFF and rf64_data_size is not None:
                 size = rf64_data_size
@@ -76,6 +75,8 @@ def parse_wav_header(data: bytes) -> WavHeader | None:
                 size = available
             if size > available:
                 raise AudioDecodeError(TRUNCATED.format(f"it declares {size} bytes of samples but holds {available}"))
+            if fmt is None or len(fmt) < 16:
+                return None
             return WavHeader(
                 format_tag=fmt_tag(fmt),
                 channels=read_le(fmt, 2, 2),
